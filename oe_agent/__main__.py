@@ -1,0 +1,3 @@
+from oe_agent.cli import main
+
+raise SystemExit(main())
