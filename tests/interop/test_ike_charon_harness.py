@@ -1,0 +1,105 @@
+"""The harness itself, charon <-> charon: two namespaces, raw public keys, an IKE SA and a
+Child SA, traffic through kernel-libipsec's tunnel, rekey and delete over VICI.
+
+It documents how the interop fixtures are used and proves them before the agent is involved.
+"""
+from __future__ import annotations
+
+import pytest
+
+from tests.interop.peers.charon import established, hold_half_open, host_conn, installed_children
+
+SUITES = {
+    # key kind, IKE proposal, ESP proposal
+    "ed25519-x25519-gcm": ("ed25519", "aes256gcm16-prfsha256-x25519", "aes128gcm16"),
+    "rsa-modp2048-cbc": ("rsa", "aes128-sha256-modp2048", "aes128-sha256"),
+}
+
+
+def _pair(hosts, charon, keypair, kind, ike, esp, **charon_opts):
+    a, b = hosts.pair()
+    ka, kb = keypair(kind, 0), keypair(kind, 1)
+    ca, cb = charon(a, **charon_opts), charon(b, **charon_opts)
+    for c, me, peer, mine, theirs in ((ca, a, b, ka, kb), (cb, b, a, kb, ka)):
+        c.load_key(mine)
+        c.load_conn("peer", host_conn(local=me.v4, remote=peer.v4, local_key=mine,
+                                      remote_pub=theirs.public_pem, child="host",
+                                      proposals=ike, esp_proposals=esp))
+    return a, b, ca, cb
+
+
+@pytest.mark.parametrize("suite", SUITES)
+def test_charon_to_charon_tunnel(hosts, charon, keypair, suite):
+    kind, ike, esp = SUITES[suite]
+    a, b, ca, cb = _pair(hosts, charon, keypair, kind, ike, esp)
+
+    ca.initiate("host", "peer")
+
+    (sa_a,) = established(ca.list_sas(), "peer")
+    (sa_b,) = established(cb.wait_sas(lambda s: established(s, "peer"), what="established"), "peer")
+    assert sa_a["initiator-spi"] == sa_b["initiator-spi"]
+    assert sa_a["responder-spi"] == sa_b["responder-spi"]
+    (child_a,) = installed_children(sa_a)
+    (child_b,) = installed_children(sa_b)
+    # each side's inbound SPI is the other's outbound one
+    assert child_a["spi-in"] == child_b["spi-out"] and child_a["spi-out"] == child_b["spi-in"]
+    assert child_a["mode"] == "TUNNEL"
+    # kernel-libipsec always encapsulates (it fakes a NAT), so both sides are on 4500
+    assert child_a.get("encap") == "yes"
+    assert sa_a["local-port"] == sa_a["remote-port"] == "4500"
+
+    # traffic goes through ipsec0 and shows in the Child SA's counters on both ends
+    a.run("ping", "-c", "3", "-i", "0.2", "-W", "2", b.v4)
+    (child_b,) = installed_children(established(cb.list_sas(), "peer")[0])
+    assert int(child_b["packets-in"]) >= 3 and int(child_b["packets-out"]) >= 3
+
+
+def test_charon_rekey_and_delete(hosts, charon, keypair):
+    """Child and IKE rekey, then delete, all over VICI; the peer follows each step."""
+    kind, ike, esp = SUITES["ed25519-x25519-gcm"]
+    a, b, ca, cb = _pair(hosts, charon, keypair, kind, ike, esp)
+    ca.initiate("host", "peer")
+    (sa,) = established(ca.list_sas(), "peer")
+    (child,) = installed_children(sa)
+
+    ca.rekey(child_id=child["uniqueid"])
+    sas = cb.wait_sas(lambda s: any(c["spi-out"] != child["spi-in"] for s_ in established(s)
+                                    for c in installed_children(s_)), what="child rekeyed")
+    (new_child,) = installed_children(established(sas, "peer")[0])
+    assert {new_child["spi-in"], new_child["spi-out"]}.isdisjoint({child["spi-in"], child["spi-out"]})
+
+    cb.rekey(ike_id=established(cb.list_sas(), "peer")[0]["uniqueid"])
+    sas = ca.wait_sas(lambda s: [x for x in established(s) if x["initiator-spi"] != sa["initiator-spi"]],
+                      what="IKE rekeyed")
+    (rekeyed,) = established(sas, "peer")
+    assert installed_children(rekeyed), "the Child SA moves over to the new IKE SA"
+
+    cb.terminate(ike="peer")
+    ca.wait_sas(lambda s: not s, what="all SAs gone after the peer's delete")
+    assert not cb.list_sas()
+
+
+def test_charon_cookie_threshold(hosts, charon, keypair):
+    """cookie_threshold = 1 and one half-open IKE SA: the responder demands a COOKIE
+    (RFC 7296 §2.6) and the initiator retries with it."""
+    kind, ike, esp = SUITES["ed25519-x25519-gcm"]
+    a, b = hosts.pair()
+    c = hosts.add()
+    ka, kb, kc = keypair(kind, 0), keypair(kind, 1), keypair(kind, 2)
+    ca, cb, cc = charon(a), charon(b, cookie_threshold=1), charon(c)
+    cb.load_key(kb)
+    cb.load_conn("half", host_conn(local=b.v4, remote=c.v4, local_key=kb, remote_pub=kc.public_pem,
+                                   child="half", proposals=ike, esp_proposals=esp))
+    for ch, me, peer, mine, theirs in ((ca, a, b, ka, kb), (cb, b, a, kb, ka)):
+        ch.load_key(mine)
+        ch.load_conn("peer", host_conn(local=me.v4, remote=peer.v4, local_key=mine,
+                                       remote_pub=theirs.public_pem, child="host",
+                                       proposals=ike, esp_proposals=esp))
+    hold_half_open(cc, b, key=kc, target_pub=kb.public_pem, proposals=ike)
+    assert "sending COOKIE" not in cb.log_text()
+
+    ca.initiate("host", "peer")
+
+    assert established(cb.list_sas(), "peer")
+    assert "sending COOKIE notify" in cb.log_text()
+    assert "received COOKIE notify" in ca.log_text()
