@@ -93,6 +93,8 @@ class ChildSaParams:
     lifetime_soft_bytes: int = 0
     lifetime_hard_bytes: int = 0
     replay_window: int = 64
+    lifetime_soft_packets: int = 0  # 0 = none (XFRM and the userspace ESP both count packets)
+    lifetime_hard_packets: int = 0
 
 
 @dataclass(frozen=True)
