@@ -1,0 +1,1 @@
+"""Control API (aiohttp on a unix socket) and the CLI verbs that talk to it."""
