@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.interop.peers.charon import established, hold_half_open, host_conn, installed_children
+from tests.interop.peers.charon import established, hold_half_open, host_conn, sole_child
 
 SUITES = {
     # key kind, IKE proposal, ESP proposal
@@ -28,6 +28,19 @@ def _pair(hosts, charon, keypair, kind, ike, esp, **charon_opts):
     return a, b, ca, cb
 
 
+def _settled(c, what, new_than=None, timeout=15.0):
+    """Wait until `c` has one IKE SA with one installed Child SA (fresh SPIs if `new_than`)."""
+    def ok(sas):
+        got = sole_child(sas, "peer")
+        if got is None or new_than is None:
+            return got is not None
+        sa, child = got
+        old_sa, old_child = new_than
+        return (child["spi-in"] not in (old_child["spi-in"], old_child["spi-out"])
+                and (new_than[0] is None or sa["initiator-spi"] != old_sa["initiator-spi"]))
+    return sole_child(c.wait_sas(ok, timeout=timeout, what=what), "peer")
+
+
 @pytest.mark.parametrize("suite", SUITES)
 def test_charon_to_charon_tunnel(hosts, charon, keypair, suite):
     kind, ike, esp = SUITES[suite]
@@ -35,12 +48,10 @@ def test_charon_to_charon_tunnel(hosts, charon, keypair, suite):
 
     ca.initiate("host", "peer")
 
-    (sa_a,) = established(ca.list_sas(), "peer")
-    (sa_b,) = established(cb.wait_sas(lambda s: established(s, "peer"), what="established"), "peer")
+    sa_a, child_a = _settled(ca, "established")
+    sa_b, child_b = _settled(cb, "established")
     assert sa_a["initiator-spi"] == sa_b["initiator-spi"]
     assert sa_a["responder-spi"] == sa_b["responder-spi"]
-    (child_a,) = installed_children(sa_a)
-    (child_b,) = installed_children(sa_b)
     # each side's inbound SPI is the other's outbound one
     assert child_a["spi-in"] == child_b["spi-out"] and child_a["spi-out"] == child_b["spi-in"]
     assert child_a["mode"] == "TUNNEL"
@@ -50,7 +61,7 @@ def test_charon_to_charon_tunnel(hosts, charon, keypair, suite):
 
     # traffic goes through ipsec0 and shows in the Child SA's counters on both ends
     a.run("ping", "-c", "3", "-i", "0.2", "-W", "2", b.v4)
-    (child_b,) = installed_children(established(cb.list_sas(), "peer")[0])
+    _, child_b = _settled(cb, "counted")
     assert int(child_b["packets-in"]) >= 3 and int(child_b["packets-out"]) >= 3
 
 
@@ -59,20 +70,21 @@ def test_charon_rekey_and_delete(hosts, charon, keypair):
     kind, ike, esp = SUITES["ed25519-x25519-gcm"]
     a, b, ca, cb = _pair(hosts, charon, keypair, kind, ike, esp)
     ca.initiate("host", "peer")
-    (sa,) = established(ca.list_sas(), "peer")
-    (child,) = installed_children(sa)
+    first = _settled(ca, "established")
+    _settled(cb, "established")
 
-    ca.rekey(child_id=child["uniqueid"])
-    sas = cb.wait_sas(lambda s: any(c["spi-out"] != child["spi-in"] for s_ in established(s)
-                                    for c in installed_children(s_)), what="child rekeyed")
-    (new_child,) = installed_children(established(sas, "peer")[0])
-    assert {new_child["spi-in"], new_child["spi-out"]}.isdisjoint({child["spi-in"], child["spi-out"]})
+    ca.rekey(child_id=first[1]["uniqueid"])
+    rekeyed_a = _settled(ca, "child rekeyed", new_than=(None, first[1]))
+    rekeyed_b = _settled(cb, "child rekeyed", new_than=(None, first[1]))
+    assert rekeyed_a[1]["spi-in"] == rekeyed_b[1]["spi-out"]
+    assert rekeyed_a[0]["initiator-spi"] == first[0]["initiator-spi"]
 
-    cb.rekey(ike_id=established(cb.list_sas(), "peer")[0]["uniqueid"])
-    sas = ca.wait_sas(lambda s: [x for x in established(s) if x["initiator-spi"] != sa["initiator-spi"]],
-                      what="IKE rekeyed")
-    (rekeyed,) = established(sas, "peer")
-    assert installed_children(rekeyed), "the Child SA moves over to the new IKE SA"
+    cb.rekey(ike_id=rekeyed_b[0]["uniqueid"])
+    new_b = _settled(cb, "IKE rekeyed", new_than=(rekeyed_b[0], {"spi-in": "", "spi-out": ""}))
+    new_a = _settled(ca, "IKE rekeyed", new_than=(rekeyed_a[0], {"spi-in": "", "spi-out": ""}))
+    assert new_a[0]["initiator-spi"] == new_b[0]["initiator-spi"]
+    # the Child SA moves over to the new IKE SA unchanged (RFC 7296 §2.8)
+    assert new_a[1]["spi-in"] == rekeyed_a[1]["spi-in"]
 
     cb.terminate(ike="peer")
     ca.wait_sas(lambda s: not s, what="all SAs gone after the peer's delete")
@@ -100,6 +112,6 @@ def test_charon_cookie_threshold(hosts, charon, keypair):
 
     ca.initiate("host", "peer")
 
-    assert established(cb.list_sas(), "peer")
+    cb.wait_sas(lambda s: established(s, "peer"), what="established")
     assert "sending COOKIE notify" in cb.log_text()
     assert "received COOKIE notify" in ca.log_text()

@@ -196,6 +196,18 @@ def installed_children(sa: dict) -> list[dict]:
     return [c for c in (sa.get("child-sas") or {}).values() if c.get("state") == "INSTALLED"]
 
 
+def sole_child(sas: list[dict], name: str | None = None) -> tuple[dict, dict] | None:
+    """(IKE SA, Child SA) when exactly one IKE SA is established with exactly one installed
+    Child SA -- the settled state after an establishment, rekey or collision; else None."""
+    est = established(sas, name)
+    if len(est) != 1 or len(sas) != 1:
+        return None
+    children = installed_children(est[0])
+    if len(children) != 1 or len(est[0].get("child-sas") or {}) != 1:
+        return None
+    return est[0], children[0]
+
+
 def host_conn(*, local: str, remote: str, local_key: KeyPair, remote_pub: bytes,
               child: str, proposals: str, esp_proposals: str,
               local_id: str | None = None, remote_id: str | None = None,
