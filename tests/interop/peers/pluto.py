@@ -44,7 +44,7 @@ conn %default
 class Pluto:
     """One pluto in `host`, with an RSA host key in its own NSS db."""
 
-    def __init__(self, host: Host, *, name: str = "pluto", rsa_bits: int = 2048,
+    def __init__(self, host: Host, *, name: str = "pluto", rsa_bits: int = 3072,
                  debug: str = "none"):
         self.host = host
         self.name = name
