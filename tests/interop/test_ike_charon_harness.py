@@ -8,6 +8,9 @@ from __future__ import annotations
 import pytest
 
 from tests.interop.peers.charon import established, hold_half_open, host_conn, sole_child
+from tests.interop.peers.wire import canary_seen, read_pcap
+
+CANARY = b"oe-agent-canary!"  # 16 bytes: ping -p repeats it through the payload
 
 SUITES = {
     # key kind, IKE proposal, ESP proposal
@@ -59,10 +62,18 @@ def test_charon_to_charon_tunnel(hosts, charon, keypair, suite):
     assert child_a.get("encap") == "yes"
     assert sa_a["local-port"] == sa_a["remote-port"] == "4500"
 
-    # traffic goes through ipsec0 and shows in the Child SA's counters on both ends
-    a.run("ping", "-c", "3", "-i", "0.2", "-W", "2", b.v4)
+    # traffic goes through ipsec0: counted by both Child SAs, ESP-in-UDP on the wire, and the
+    # plaintext canary never on the veth
+    tcpdump, pcap = hosts.capture(b, "udp", name="tunnel")
+    a.run("ping", "-c", "3", "-i", "0.2", "-W", "2", "-p", CANARY.hex(), b.v4)
+    b.stop(tcpdump)
     _, child_b = _settled(cb, "counted")
     assert int(child_b["packets-in"]) >= 3 and int(child_b["packets-out"]) >= 3
+    esp = [p for p in read_pcap(pcap) if p.is_esp_in_udp]
+    assert len(esp) >= 6
+    # the SPIs on the wire are exactly the pair both sides listed
+    assert {p.payload[:4].hex() for p in esp} == {child_b["spi-in"], child_b["spi-out"]}
+    assert not canary_seen(pcap, CANARY)
 
 
 def test_charon_rekey_and_delete(hosts, charon, keypair):
