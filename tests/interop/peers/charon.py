@@ -12,6 +12,7 @@ Processes are stopped by PID (the Host owns them); waits are bounded polls.
 """
 from __future__ import annotations
 
+import re
 import string
 import subprocess
 import time
@@ -254,3 +255,44 @@ def hold_half_open(charon: Charon, target, *, key: KeyPair, target_pub: bytes,
     sas = charon.wait_sas(lambda s: any(sa.get("responder-spi", "0" * 16).strip("0")
                                         for sa in s), what="IKE_SA_INIT answered")
     return sas[0]
+
+
+_DUMP_HEAD = re.compile(r"\] (?:<[^>]*> )?(.+?) => (\d+) bytes @ 0x[0-9a-f]+$")
+_DUMP_LINE = re.compile(r"\] (?:<[^>]*> )?\s*\d+: ((?:[0-9A-F]{2} ?){1,16})")
+
+
+def logged_secrets(log: str) -> list[tuple[str, bytes]]:
+    """(label, bytes) of every chunk charon dumped (log level 4: 'Sk_d secret', 'encryption
+    initiator key', ...), in log order. Only with Charon(log_keys=True): test use only."""
+    out: list[tuple[str, bytes]] = []
+    lines = log.splitlines()
+    i = 0
+    while i < len(lines):
+        m = _DUMP_HEAD.search(lines[i])
+        i += 1
+        if not m:
+            continue
+        label, size, buf = m.group(1), int(m.group(2)), bytearray()
+        while len(buf) < size and i < len(lines):
+            d = _DUMP_LINE.search(lines[i])
+            if not d:
+                break
+            buf += bytes.fromhex(d.group(1).replace(" ", "")[:2 * (size - len(buf))])
+            i += 1
+        if len(buf) == size:
+            out.append((label, bytes(buf)))
+    return out
+
+
+def child_keys(log: str) -> list[dict[str, bytes]]:
+    """Per Child SA derivation (RFC 7296 §2.17 KEYMAT order): {'encr_i', 'encr_r', 'integ_i',
+    'integ_r'}; the _i keys protect initiator-to-responder traffic."""
+    out: list[dict[str, bytes]] = []
+    names = {"encryption initiator key": "encr_i", "encryption responder key": "encr_r",
+             "integrity initiator key": "integ_i", "integrity responder key": "integ_r"}
+    for label, value in logged_secrets(log):
+        if label == "encryption initiator key":
+            out.append({})
+        if label in names and out:
+            out[-1][names[label]] = value
+    return out
