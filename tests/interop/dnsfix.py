@@ -1,0 +1,200 @@
+"""DNS test fixtures: the test zones (one per case), knot and unbound in `hosts` namespaces,
+and a thread that runs asyncio code inside a namespace (setns affects only that thread).
+
+The same zone set is served by the embedded server (unit/netns tiers) and by knot (interop):
+every acceptance case of issue 4 has a name in it, see CASES.
+"""
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import os
+import textwrap
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import dns.name
+import dns.rdata
+import dns.rdataclass
+import dns.rdataset
+import dns.rdatatype
+import dns.zone
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+
+from oe_agent.dns import ipseckey
+
+TOP = "oe.example."
+REV4 = "2.0.192.in-addr.arpa."
+REV6 = "8.b.d.0.1.0.0.2.ip6.arpa."
+CLASSLESS = "0-63.2.0.192.in-addr.arpa."  # RFC 2317 child of REV4
+UNSIGNED = "unsigned.oe.example."  # insecure delegation (NS, no DS)
+EXPIRED = "expired.oe.example."  # RRSIGs expired yesterday
+
+
+@dataclass
+class TestKeys:
+    """One private key per algorithm case, made once per session."""
+
+    ed25519: ed25519.Ed25519PrivateKey = field(default_factory=ed25519.Ed25519PrivateKey.generate)
+    ed448: ed448.Ed448PrivateKey = field(default_factory=ed448.Ed448PrivateKey.generate)
+    p256: ec.EllipticCurvePrivateKey = field(
+        default_factory=lambda: ec.generate_private_key(ec.SECP256R1()))
+    p384: ec.EllipticCurvePrivateKey = field(
+        default_factory=lambda: ec.generate_private_key(ec.SECP384R1()))
+    rsa2048: rsa.RSAPrivateKey = field(
+        default_factory=lambda: rsa.generate_private_key(65537, 2048))
+    rsa4096a: rsa.RSAPrivateKey = field(
+        default_factory=lambda: rsa.generate_private_key(65537, 4096))
+    rsa4096b: rsa.RSAPrivateKey = field(
+        default_factory=lambda: rsa.generate_private_key(65537, 4096))
+
+
+def _rd(prec, key, gw=None) -> str:
+    return ipseckey.rdata_text(prec, key.public_key(), gw)
+
+
+def zone_texts(k: TestKeys) -> dict[str, str]:
+    """origin -> master file text."""
+    head = "$TTL 60\n@ SOA ns.oe.example. hostmaster.oe.example. 1 3600 600 86400 30\n" \
+           "@ NS ns.oe.example.\n"
+    return {
+        TOP: head + textwrap.dedent(f"""\
+            ns A 192.0.2.53
+            ed25519 IPSECKEY {_rd(10, k.ed25519)}
+            ed448 IPSECKEY {_rd(10, k.ed448)}
+            p256 IPSECKEY {_rd(10, k.p256)}
+            p384 IPSECKEY {_rd(10, k.p384)}
+            rsa IPSECKEY {_rd(10, k.rsa2048)}
+            gw IPSECKEY {_rd(30, k.ed25519, "gw.oe.example.")}
+            gw IPSECKEY {_rd(10, k.p256, "192.0.2.9")}
+            gw IPSECKEY {_rd(20, k.rsa2048, "2001:db8::9")}
+            nokey A 192.0.2.77
+            tampered IPSECKEY {_rd(10, k.ed25519)}
+            malformed IPSECKEY {_rd(10, k.ed25519)}
+            """),
+        UNSIGNED: head + f"host IPSECKEY {_rd(10, k.ed25519)}\n",
+        EXPIRED: head + f"host IPSECKEY {_rd(10, k.ed25519)}\n",
+        REV4: head + textwrap.dedent(f"""\
+            1 IPSECKEY {_rd(10, k.ed25519)}
+            1 PTR a.oe.example.
+            5 CNAME 5.0-63.2.0.192.in-addr.arpa.
+            """),
+        CLASSLESS: head + f"5 IPSECKEY {_rd(10, k.p256)}\n",
+        # 2001:db8::5, and 2001:db8::b with two RSA-4096 keys: over 1232 bytes, so TC + TCP
+        REV6: head + textwrap.dedent(f"""\
+            5.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0 IPSECKEY {_rd(10, k.ed25519)}
+            b.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0 IPSECKEY {_rd(10, k.rsa4096a)}
+            b.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0 IPSECKEY {_rd(20, k.rsa4096b)}
+            """),
+    }
+
+
+# Raw RDATA of broken records, added next to one good key at malformed.oe.example
+def malformed_rdatas(k: TestKeys) -> dict[str, bytes]:
+    good = ipseckey.public_key_bytes(k.ed25519.public_key())[1]
+    return {
+        "short ed25519 key": bytes([20, 0, 4]) + good[:31],
+        "unknown algorithm 9": bytes([30, 0, 9]) + good,
+        "gateway type 4": bytes([40, 4, 4]) + good,
+        "RSA exponent past the end": bytes([50, 0, 2]) + b"\xff\x01\x00\x01",
+        "ECDSA point not on curve": bytes([60, 0, 3]) + b"\x01" * 64,
+    }
+
+
+def build_zones(k: TestKeys) -> dict[dns.name.Name, dns.zone.Zone]:
+    zones = {}
+    for origin, text in zone_texts(k).items():
+        o = dns.name.from_text(origin)
+        zones[o] = dns.zone.from_text(text, origin=o, relativize=False)
+    top = zones[dns.name.from_text(TOP)]
+    rds = dns.rdataset.Rdataset(dns.rdataclass.IN, dns.rdatatype.IPSECKEY)
+    for raw in malformed_rdatas(k).values():
+        rds.add(dns.rdata.GenericRdata(dns.rdataclass.IN, dns.rdatatype.IPSECKEY, raw), 60)
+    with top.writer() as txn:
+        txn.add(dns.name.from_text("malformed." + TOP), rds)
+    return zones
+
+
+def make_server(k: TestKeys):
+    """The embedded server with every case; `tampered` changed after signing."""
+    from oe_agent.dns.server import AuthServer
+    srv = AuthServer(build_zones(k), unsigned={UNSIGNED}, expired={EXPIRED})
+    srv.replace("tampered." + TOP, "IPSECKEY", 60, _rd(10, k.ed448))
+    return srv
+
+
+# name -> (expected status, what the keys must be) for every case
+def cases(k: TestKeys) -> dict[str, tuple[str, list]]:
+    pub = lambda key: ipseckey.public_key_bytes(key.public_key())[1]  # noqa: E731
+    return {
+        "ed25519." + TOP: ("secure-key", [pub(k.ed25519)]),
+        "ed448." + TOP: ("secure-key", [pub(k.ed448)]),
+        "p256." + TOP: ("secure-key", [pub(k.p256)]),
+        "p384." + TOP: ("secure-key", [pub(k.p384)]),
+        "rsa." + TOP: ("secure-key", [pub(k.rsa2048)]),
+        "gw." + TOP: ("secure-key", [pub(k.p256), pub(k.rsa2048), pub(k.ed25519)]),
+        "malformed." + TOP: ("secure-key", [pub(k.ed25519)]),
+        "nokey." + TOP: ("secure-denial", []),
+        "nothere." + TOP: ("secure-denial", []),
+        "host." + UNSIGNED: ("insecure", [pub(k.ed25519)]),
+        "host." + EXPIRED: ("bogus", []),
+        "tampered." + TOP: ("bogus", []),
+        "192.0.2.1": ("secure-key", [pub(k.ed25519)]),
+        "192.0.2.5": ("secure-key", [pub(k.p256)]),  # via the RFC 2317 CNAME
+        "192.0.2.6": ("secure-denial", []),
+        "2001:db8::5": ("secure-key", [pub(k.ed25519)]),
+        "2001:db8::b": ("secure-key", [pub(k.rsa4096a), pub(k.rsa4096b)]),  # TC -> TCP
+    }
+
+
+def anchors_text(server) -> str:
+    return "\n".join(server.ds_records()) + "\n"
+
+
+# --- running code inside a namespace --------------------------------------------------------
+
+_CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def run_in_netns(netns: str, coro_fn, *args, timeout: float = 120):
+    """Run `asyncio.run(coro_fn(*args))` in a thread that joined `netns` (setns(2) is per
+    thread), so sockets it opens live in that namespace. Returns the result or raises."""
+    box: dict = {}
+
+    def body():
+        fd = os.open(f"/run/netns/{netns}", os.O_RDONLY)
+        try:
+            if _libc.setns(fd, _CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "setns")
+        finally:
+            os.close(fd)
+        try:
+            box["result"] = asyncio.run(coro_fn(*args))
+        except BaseException as exc:  # handed to the caller's thread
+            box["error"] = exc
+
+    t = threading.Thread(target=body, daemon=True)
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        raise TimeoutError(f"code in netns {netns} still running after {timeout}s")
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
+def wait_port(host, port: int, proto: str = "udp", timeout: float = 10) -> None:
+    """Bounded poll until something listens on port in the host's namespace."""
+    flag = "-uln" if proto == "udp" else "-tln"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        out = host.run("ss", "-H", flag, f"sport = :{port}", check=False).stdout
+        if out.strip():
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"nothing listens on {proto}/{port} in {host.name}")
+
+
