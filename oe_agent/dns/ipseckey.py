@@ -200,7 +200,7 @@ def owner_name(addr_or_fqdn: str) -> dns.name.Name:
             name = dns.name.from_text(addr_or_fqdn)
         except Exception as exc:
             raise ValueError(f"{addr_or_fqdn!r} is neither an address nor a DNS name: {exc}")
-        if len(name.labels) < 2:
+        if len(name.labels) < 3:  # a host name, not a TLD
             raise ValueError(f"{addr_or_fqdn!r} is not a DNS name")
         return name
     return dns.reversename.from_address(str(addr))

@@ -1,0 +1,186 @@
+"""KeyResolver against the embedded signing server on loopback: every classification case,
+truncation to TCP, coalescing, positive and negative caching, timeouts, malformed records."""
+import asyncio
+import logging
+import socket
+
+import pytest
+
+from oe_agent.dns.resolver import KeyResolver
+from tests.interop import dnsfix
+
+
+@pytest.fixture(scope="session")
+def keys():
+    return dnsfix.TestKeys()
+
+
+@pytest.fixture
+async def server(keys):
+    srv = dnsfix.make_server(keys)
+    host, port = await srv.start()
+    srv.address = f"{host}@{port}"
+    yield srv
+    await srv.close()
+
+
+class Clock:
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self):
+        return self.t
+
+
+def _resolver(server, **kw):
+    kw.setdefault("timeout", 5)
+    return KeyResolver([server.address], dnsfix.anchors_text(server), "validate", **kw)
+
+
+async def test_every_case_is_classified(server, keys):
+    r = _resolver(server)
+    for name, (status, want) in dnsfix.cases(keys).items():
+        a = await r.lookup(name)
+        assert (a.status, [k.key_bytes() for k in a.keys]) == (status, want), (name, a.reason)
+        assert a.reason
+
+
+async def test_gateways_ordered_by_precedence(server):
+    a = await _resolver(server).lookup("gw.oe.example")
+    assert [(k.precedence, k.gateway_type, k.gateway_text) for k in a.gateways()] == [
+        (10, 1, "192.0.2.9"), (20, 2, "2001:db8::9"), (30, 3, "gw.oe.example.")]
+
+
+async def test_classless_cname_is_followed(server):
+    a = await _resolver(server).lookup("192.0.2.5")
+    assert a.name == "5.2.0.192.in-addr.arpa."
+    assert a.chain == ("5.0-63.2.0.192.in-addr.arpa.",)
+
+
+async def test_big_answer_truncates_then_tcp(server):
+    before = server.tcp_queries
+    a = await _resolver(server).lookup("2001:db8::b")
+    assert a.status == "secure-key" and len(a.keys) == 2
+    assert server.tcp_queries == before + 1
+
+
+async def test_reasons_name_the_failure(server):
+    r = _resolver(server)
+    assert "expired" in (await r.lookup("host.expired.oe.example")).reason
+    assert "changed" in (await r.lookup("tampered.oe.example")).reason
+    assert "NXDOMAIN" in (await r.lookup("nothere.oe.example")).reason
+    assert "insecure delegation" in (await r.lookup("host.unsigned.oe.example")).reason
+
+
+async def test_wrong_trust_anchor_is_bogus(server, keys):
+    wrong = dnsfix.make_server(keys)  # same zones, other keys: its DS does not match
+    r = KeyResolver([server.address], dnsfix.anchors_text(wrong), "validate")
+    for name in ("ed25519.oe.example", "nothere.oe.example", "192.0.2.1"):
+        a = await r.lookup(name)
+        assert a.status == "bogus" and "no DNSKEY matches the trust anchor" in a.reason
+
+
+async def test_no_trust_anchor_is_insecure(server):
+    r = KeyResolver([server.address], None, "validate")
+    a = await r.lookup("ed25519.oe.example")
+    assert a.status == "insecure" and len(a.keys) == 1 and "no trust anchor" in a.reason
+
+
+async def test_silent_server_times_out_within_bound():
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    silent.bind(("127.0.0.1", 0))
+    try:
+        r = KeyResolver([f"127.0.0.1@{silent.getsockname()[1]}"], None, "validate",
+                        timeout=0.5, attempt_timeout=0.2)
+        a = await asyncio.wait_for(r.lookup("ed25519.oe.example"), 5)  # bounded by the test
+        assert a.status == "timeout" and a.keys == ()
+        assert (await r.lookup("ed25519.oe.example")).from_cache is False  # never cached
+    finally:
+        silent.close()
+
+
+async def test_second_resolver_used_when_first_silent(server):
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    silent.bind(("127.0.0.1", 0))
+    try:
+        r = KeyResolver([f"127.0.0.1@{silent.getsockname()[1]}", server.address],
+                        dnsfix.anchors_text(server), timeout=5, attempt_timeout=0.2)
+        assert (await r.lookup("ed25519.oe.example")).status == "secure-key"
+    finally:
+        silent.close()
+
+
+async def test_100_concurrent_lookups_send_one_query(server):
+    r = _resolver(server)
+    answers = await asyncio.gather(*(r.lookup("p256.oe.example") for _ in range(100)))
+    assert {a.status for a in answers} == {"secure-key"}
+    assert server.queries[("p256.oe.example.", "IPSECKEY")] == 1
+
+
+async def test_cache_until_ttl_then_query_again(server):
+    clock = Clock()
+    r = _resolver(server, clock=clock)
+    q = ("ed448.oe.example.", "IPSECKEY")
+    first = await r.lookup("ed448.oe.example")
+    assert first.ttl == 60 and not first.from_cache
+    clock.t += 59
+    again = await r.lookup("ed448.oe.example")
+    assert again.from_cache and again.status == "secure-key" and again.ttl == 1
+    assert server.queries[q] == 1
+    clock.t += 2
+    assert not (await r.lookup("ed448.oe.example")).from_cache
+    assert server.queries[q] == 2
+
+
+async def test_negative_cache_by_soa_minimum(server):
+    clock = Clock()
+    r = _resolver(server, clock=clock)
+    q = ("gone.oe.example.", "IPSECKEY")
+    first = await r.lookup("gone.oe.example")
+    assert first.status == "secure-denial" and first.ttl == 30  # SOA minimum 30 < TTL 60
+    clock.t += 29
+    assert (await r.lookup("gone.oe.example")).from_cache
+    assert server.queries[q] == 1
+    clock.t += 2
+    await r.lookup("gone.oe.example")
+    assert server.queries[q] == 2
+
+
+async def test_ttl_is_capped(server):
+    r = _resolver(server, max_ttl=5)
+    assert (await r.lookup("rsa.oe.example")).ttl == 5
+
+
+async def test_malformed_records_skipped_and_logged(server, caplog):
+    caplog.set_level(logging.WARNING, logger="oe_agent.dns")
+    a = await _resolver(server).lookup("malformed.oe.example")
+    assert a.status == "secure-key" and len(a.keys) == 1
+    lines = [r.getMessage() for r in caplog.records if "malformed.oe.example." in r.getMessage()]
+    assert len(lines) == 5
+    for why in ("unknown algorithm 9", "gateway type 4", "EdDSA key of 31 bytes",
+                "exponent length past the end", "not a point on the curve"):
+        assert any(why in line for line in lines), why
+
+
+async def test_resolver_mode_only_trusts_loopback():
+    with pytest.raises(ValueError, match="loopback"):
+        KeyResolver(["192.0.2.53"], None, "resolver")
+    KeyResolver(["127.0.0.1", "::1@5353"], None, "resolver")
+
+
+async def test_off_mode_reports_insecure_keys(server):
+    a = await KeyResolver([server.address], None, "off").lookup("ed25519.oe.example")
+    assert a.status == "insecure" and len(a.keys) == 1
+
+
+async def test_bad_argument_is_value_error(server):
+    with pytest.raises(ValueError):
+        await _resolver(server).lookup("not a name")
+
+
+async def test_json_and_words(server):
+    a = await _resolver(server).lookup("192.0.2.5")
+    j = a.to_json()
+    assert j["status"] == "secure-key" and j["keys"][0]["algorithm"] == 3
+    assert j["chain"] == ["5.0-63.2.0.192.in-addr.arpa."]
+    assert "DNSSEC-validated" in a.describe()
