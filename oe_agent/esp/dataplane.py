@@ -1,0 +1,575 @@
+"""The userspace dataplane: oe_agent.model.Dataplane over the TUN device `oe0` (product.md §6).
+
+Routing (all in the dataplane's own table and rules, nothing in `main`):
+  pref P      fwmark MARK, udp sport/dport 500 and 4500, ESP  -> lookup main   (our own traffic:
+              IKE, ESP-in-UDP, raw ESP and re-injected clear packets never loop into oe0)
+  pref P+5    to NET [ipproto X dport Y]                      -> lookup main   (pass with a port)
+  pref P+10   lookup TABLE: NET dev oe0 (trap, block, installed SAs), `throw NET` (pass: a
+              route exception, so clear traffic never enters userspace)
+A packet read from oe0 goes to the newest Child SA covering it, else to the shunt on its
+destination (pass = sent clear through a marked raw socket, drop, hold), else to the longest-
+prefix group policy: trap = Acquire (with the packet) + hold, block = drop.
+Inbound ESP (UDP 4500 via `esp_received`, or raw protocol 50) is unprotected and written to oe0.
+The oe0 MTU leaves room for ESP; a packet still too big for the path with DF set (or IPv6) is
+answered with ICMP "fragmentation needed" / ICMPv6 "packet too big" (RFC 1191, RFC 8201).
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import ipaddress
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator, Callable
+
+from oe_agent.errors import UserError
+from oe_agent.esp import packet
+from oe_agent.esp.sa import ALGORITHMS, ChildSa, EspError
+from oe_agent.esp.tun import TunDevice
+from oe_agent.esp.udp import SO_MARK, RawEsp, UdpEncap
+from oe_agent.model import (Acquire, Capabilities, ChildSaParams, IPAddress, IPNetwork,
+                            PolicyExpire, SaCounters, SaExpire, ShuntKind)
+
+log = logging.getLogger(__name__)
+
+TRAP, BLOCK, PASS = "trap", "block", "pass"
+ACQUIRE_EXPIRES = 30.0  # like XFRM_ACQ_EXPIRES: one Acquire per destination per 30 s
+# worst-case ESP-in-UDP overhead over IPv6: outer IPv6 40 + UDP 8 + ESP 8 + IV 16 + pad 15 +
+# trailer 2 + ICV 16 = 105; the oe0 MTU keeps local packets within the underlay MTU.
+MAX_OVERHEAD = 105
+
+Sender = Callable[[bytes, tuple], None]
+
+
+@dataclass
+class _Shunt:
+    local: IPAddress
+    kind: ShuntKind
+    expires: float | None
+
+
+@dataclass
+class _Held:
+    packets: collections.deque
+    since: float
+
+
+class UserspaceDataplane:
+    """ESP in this process over TUN `ifname`. `udp_sender` is the IKE adapter's port-4500 send
+    function (`attach_udp`); without one, `own_udp=True` opens our own 4500 sockets."""
+
+    def __init__(self, *, ifname: str = "oe0", table: int = 28517, rule_pref: int = 2200,
+                 mark: int = 0x4F45, underlay_mtu: int = 1500, hold_max: int = 32,
+                 hold_destinations: int = 4096, batch: int = 64, own_udp: bool = True,
+                 udp_port: int = 4500, raw_esp: bool = True,
+                 clock: Callable[[], float] = time.monotonic,
+                 rng: Callable[[int], bytes] = os.urandom):
+        if not 1280 + MAX_OVERHEAD <= underlay_mtu <= 65535:
+            raise UserError(f"underlay MTU {underlay_mtu}: needs {1280 + MAX_OVERHEAD}..65535 "
+                            "(IPv6 needs 1280 inside the tunnel)")
+        self.ifname, self.table, self.pref, self.mark = ifname, table, rule_pref, mark
+        self.underlay_mtu = underlay_mtu
+        self.mtu = underlay_mtu - MAX_OVERHEAD
+        self.hold_max, self.hold_destinations, self.batch = hold_max, hold_destinations, batch
+        self.own_udp, self.udp_port, self.want_raw_esp = own_udp, udp_port, raw_esp
+        self.clock, self.rng = clock, rng
+        self.stats: collections.Counter[str] = collections.Counter()
+        self._tun: TunDevice | None = None
+        self._ipr = None
+        self._ifindex = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._udp_send: Sender | None = None
+        self._udp: UdpEncap | None = None
+        self._raw: RawEsp | None = None
+        self._clear: dict[int, socket.socket] = {}
+        self._events: asyncio.Queue = asyncio.Queue()
+        self._wake = asyncio.Event()
+        self._timer: asyncio.Task | None = None
+        # state
+        self._sa_in: dict[int, ChildSa] = {}
+        self._sa_host: dict[IPAddress, list[ChildSa]] = {}  # single-address ts_remote
+        self._sa_nets: list[ChildSa] = []  # wider ts_remote (tunnel mode gateways)
+        self._policies: dict[tuple[IPNetwork, int, int], str] = {}
+        self._shunts: dict[IPAddress, _Shunt] = {}
+        self._held: dict[IPAddress, _Held] = {}
+        self._acquiring: dict[IPAddress, float] = {}
+        self._routes: dict[IPNetwork, str] = {}  # what the table holds: "oe0" or "throw"
+        self._sa_routes: collections.Counter[IPNetwork] = collections.Counter()
+        self._port_rules: set[tuple[IPNetwork, int, int]] = set()
+        self._dirty: set[IPNetwork] = set()  # routes to re-sync (shunt expiry in the data path)
+        self.raw_esp = False
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> Capabilities:
+        from pyroute2 import AsyncIPRoute  # only here: the sans-I/O parts never need it
+        self._loop = asyncio.get_running_loop()
+        self._tun = TunDevice(self.ifname)
+        self._ipr = AsyncIPRoute()
+        self._ifindex = (await self._ipr.link_lookup(ifname=self._tun.name))[0]
+        await self._ipr.link("set", index=self._ifindex, mtu=self.mtu, state="up")
+        for path, value in ((f"/proc/sys/net/ipv4/conf/{self.ifname}/rp_filter", "0"),
+                            (f"/proc/sys/net/ipv6/conf/{self.ifname}/disable_ipv6", "0")):
+            try:
+                with open(path, "w") as f:
+                    f.write(value)
+            except OSError as e:
+                log.warning("cannot set %s: %s", path, e)
+        await self._install_rules()
+        for fam in (socket.AF_INET, socket.AF_INET6):
+            s = socket.socket(fam, socket.SOCK_RAW, socket.IPPROTO_RAW)
+            s.setsockopt(socket.SOL_SOCKET, SO_MARK, self.mark)
+            s.setblocking(False)
+            self._clear[fam] = s
+        if self.want_raw_esp:
+            try:
+                self._raw = RawEsp(self.esp_received, self.mark, self.batch)
+                self._raw.open(self._loop)
+                self.raw_esp = True
+            except OSError as e:
+                log.info("no raw ESP sockets (%s): ESP-in-UDP only", e)
+                self._raw = None
+        if self.own_udp and self._udp_send is None:
+            self._udp = UdpEncap(self.esp_received, port=self.udp_port, batch=self.batch)
+            self._udp.open(self._loop)
+            self._udp_send = self._udp.sendto
+        self._loop.add_reader(self._tun.fd, self._tun_readable)
+        self._timer = asyncio.create_task(self._timer_loop())
+        return Capabilities(esp=True, algorithms=frozenset(ALGORITHMS),
+                            detail=f"userspace ESP over TUN {self._tun.name} (mtu {self.mtu}"
+                                   f"{', raw ESP' if self.raw_esp else ''}, ESP-in-UDP)")
+
+    async def stop(self, keep_sas: bool = False) -> None:
+        """Remove everything this dataplane made (SAs live in this process: they cannot be
+        kept across a restart, so `keep_sas` changes nothing here)."""
+        if self._timer:
+            self._timer.cancel()
+            self._timer = None
+        loop = self._loop
+        if self._tun is not None and loop is not None:
+            loop.remove_reader(self._tun.fd)
+        if self._udp and loop:
+            self._udp.close(loop)
+        if self._raw and loop:
+            self._raw.close(loop)
+        for s in self._clear.values():
+            s.close()
+        self._clear.clear()
+        if self._ipr is not None:
+            for net in list(self._routes):
+                await self._route_del(net)
+            for key in list(self._port_rules):
+                await self._port_rule(key, add=False)
+            await self._remove_rules()
+            self._ipr.close()
+            self._ipr = None
+        if self._tun is not None:
+            self._tun.close()
+            self._tun = None
+        self._sa_in.clear()
+        self._sa_host.clear()
+        self._sa_nets.clear()
+
+    def attach_udp(self, sendto: Sender) -> None:
+        """Use the IKE adapter's port-4500 socket to send ESP-in-UDP: `sendto(data, (host,
+        port))`. The adapter passes ESP datagrams it receives to `esp_received`."""
+        self._udp_send = sendto
+
+    # --- rules and routes --------------------------------------------------------------------
+
+    def _own_traffic_rules(self):
+        for fam in (socket.AF_INET, socket.AF_INET6):
+            yield dict(family=fam, priority=self.pref, table=254, fwmark=self.mark,
+                       fwmask=0xFFFFFFFF)
+            yield dict(family=fam, priority=self.pref, table=254, ip_proto=packet.PROTO_ESP)
+            for port in sorted({500, 4500, self.udp_port}):
+                for key in ("sport_range", "dport_range"):
+                    yield dict(family=fam, priority=self.pref, table=254,
+                               ip_proto=packet.PROTO_UDP, **{key: f"{port}:{port}"})
+            yield dict(family=fam, priority=self.pref + 10, table=self.table)
+
+    async def _install_rules(self) -> None:
+        for r in self._own_traffic_rules():
+            await self._ipr.rule("add", **r)
+
+    async def _remove_rules(self) -> None:
+        for r in self._own_traffic_rules():
+            try:
+                await self._ipr.rule("del", **r)
+            except Exception as e:  # already gone: nothing of ours to remove
+                log.debug("rule %s: %s", r, e)
+
+    async def _route_add(self, net: IPNetwork, kind: str) -> None:
+        if self._routes.get(net) == kind:
+            return
+        if net in self._routes:
+            await self._route_del(net)
+        if kind == "throw":
+            await self._ipr.route("add", dst=str(net), type="throw", table=self.table)
+        else:
+            await self._ipr.route("add", dst=str(net), oif=self._ifindex, table=self.table)
+        self._routes[net] = kind
+
+    async def _route_del(self, net: IPNetwork) -> None:
+        kind = self._routes.pop(net, None)
+        if kind is None or self._ipr is None:
+            return
+        try:
+            if kind == "throw":
+                await self._ipr.route("del", dst=str(net), type="throw", table=self.table)
+            else:
+                await self._ipr.route("del", dst=str(net), oif=self._ifindex, table=self.table)
+        except Exception as e:
+            log.debug("route %s: %s", net, e)
+
+    async def _sync_route(self, net: IPNetwork) -> None:
+        """The table entry for `net` from what wants it: SAs and trap/block policies need oe0;
+        a pass policy or pass shunt alone makes it a route exception."""
+        host = net.prefixlen == net.max_prefixlen
+        kinds = {k for (n, _, _), k in self._policies.items() if n == net}
+        want_tun = self._sa_routes[net] > 0 or bool(kinds & {TRAP, BLOCK})
+        want_throw = (PASS in kinds and (net, 0, 0) in self._policies) or (
+            host and (s := self._shunts.get(net.network_address)) is not None
+            and s.kind is ShuntKind.PASS)
+        if want_throw and not self._sa_routes[net]:
+            await self._route_add(net, "throw")
+        elif want_tun:
+            await self._route_add(net, "oe0")
+        else:
+            await self._route_del(net)
+
+    async def _port_rule(self, key: tuple[IPNetwork, int, int], add: bool) -> None:
+        net, proto, port = key
+        r = dict(family=socket.AF_INET if net.version == 4 else socket.AF_INET6,
+                 priority=self.pref + 5, table=254, dst=str(net.network_address),
+                 dst_len=net.prefixlen, ip_proto=proto)
+        if port:
+            r["dport_range"] = f"{port}:{port}"
+        try:
+            await self._ipr.rule("add" if add else "del", **r)
+        except Exception as e:
+            if add:
+                raise
+            log.debug("rule %s: %s", r, e)
+        (self._port_rules.add if add else self._port_rules.discard)(key)
+
+    # --- group policies ----------------------------------------------------------------------
+
+    async def _set_policy(self, dst, proto: int, port: int, kind: str | None) -> None:
+        net = ipaddress.ip_network(dst, strict=False)
+        key = (net, proto, port)
+        if kind is None:
+            self._policies.pop(key, None)
+        else:
+            self._policies[key] = kind
+        if (proto or port) and (kind == PASS) != (key in self._port_rules):
+            await self._port_rule(key, add=kind == PASS)
+        await self._sync_route(net)
+
+    async def set_trap(self, dst: IPNetwork, proto: int = 0, port: int = 0) -> None:
+        await self._set_policy(dst, proto, port, TRAP)
+
+    async def set_pass(self, dst: IPNetwork, proto: int = 0, port: int = 0) -> None:
+        await self._set_policy(dst, proto, port, PASS)
+
+    async def set_block(self, dst: IPNetwork, proto: int = 0, port: int = 0) -> None:
+        await self._set_policy(dst, proto, port, BLOCK)
+
+    async def remove_group_policy(self, dst: IPNetwork, proto: int = 0, port: int = 0) -> None:
+        await self._set_policy(dst, proto, port, None)
+
+    def policy_for(self, info: packet.IpInfo) -> str | None:
+        """Longest prefix, then the most specific protocol/port (product.md §2)."""
+        best, best_rank = None, (-1, -1, -1)
+        for (net, proto, port), kind in self._policies.items():
+            if net.version != info.version or info.dst not in net:
+                continue
+            if proto and proto != info.proto or port and port != info.dport:
+                continue
+            rank = (net.prefixlen, bool(proto), bool(port))
+            if rank > best_rank:
+                best, best_rank = kind, rank
+        return best
+
+    # --- shunts ------------------------------------------------------------------------------
+
+    async def set_shunt(self, local: IPAddress, remote: IPAddress, kind: ShuntKind,
+                        lifetime_s: int) -> None:
+        now = self.clock()
+        self._shunts[remote] = _Shunt(local, kind, now + lifetime_s if lifetime_s else None)
+        self._acquiring.pop(remote, None)
+        await self._sync_route(ipaddress.ip_network(remote))
+        if kind is ShuntKind.PASS:
+            self._release(remote, clear=True)
+        elif kind is ShuntKind.DROP:
+            self._drop_held(remote)
+        self._wake.set()
+
+    async def clear_shunt(self, local: IPAddress, remote: IPAddress) -> None:
+        if self._shunts.pop(remote, None) is not None:
+            await self._sync_route(ipaddress.ip_network(remote))
+        self._wake.set()
+
+    # --- Child SAs ---------------------------------------------------------------------------
+
+    async def alloc_spi(self, local: IPAddress, remote: IPAddress, seq: int = 0) -> int:
+        while True:
+            spi = int.from_bytes(self.rng(4), "big")
+            if spi >= 0x100 and spi not in self._sa_in:
+                return spi
+
+    async def add_child_sa(self, params: ChildSaParams) -> None:
+        if params.encap is None and not self.raw_esp:
+            raise UserError("this host has no raw ESP socket: the Child SA needs ESP-in-UDP")
+        try:
+            sa = ChildSa(params, self.clock(), self.rng)
+        except ValueError as e:
+            raise UserError(f"Child SA {params.spi_in:#010x}: {e}") from None
+        self._sa_in[params.spi_in] = sa
+        for ts in sa.ts_remote:
+            net = ts.network() if ts.start != ts.end else ipaddress.ip_network(ts.start)
+            if ts.start == ts.end:
+                self._sa_host.setdefault(ts.start, []).append(sa)
+            else:
+                self._sa_nets.append(sa)
+            self._sa_routes[net] += 1
+            await self._sync_route(net)
+        for dst in list(self._held):
+            if any(ts.start <= dst <= ts.end for ts in sa.ts_remote if ts.version == dst.version):
+                self._acquiring.pop(dst, None)
+                self._release(dst, clear=False)
+        self._wake.set()
+
+    async def del_child_sa(self, params: ChildSaParams) -> None:
+        sa = self._sa_in.pop(params.spi_in, None)
+        if sa is None:
+            return
+        for ts in sa.ts_remote:
+            net = ts.network() if ts.start != ts.end else ipaddress.ip_network(ts.start)
+            if ts.start == ts.end:
+                lst = self._sa_host.get(ts.start, [])
+                if sa in lst:
+                    lst.remove(sa)
+                if not lst:
+                    self._sa_host.pop(ts.start, None)
+            elif sa in self._sa_nets:
+                self._sa_nets.remove(sa)
+            self._sa_routes[net] -= 1
+            if self._sa_routes[net] <= 0:
+                del self._sa_routes[net]
+            await self._sync_route(net)
+
+    def child_sa(self, spi_in: int) -> ChildSa | None:
+        return self._sa_in.get(spi_in)
+
+    async def counters(self) -> list[SaCounters]:
+        mono, wall = self.clock(), time.time()
+        out = []
+        for sa in self._sa_in.values():
+            for d in (sa.inbound, sa.outbound):
+                st = d.stats
+                use = int(wall - (mono - st.last_use)) if st.packets else 0
+                out.append(SaCounters(d.spi, d.dst, st.bytes, st.packets, use))
+        return out
+
+    async def events(self) -> AsyncIterator[Acquire | SaExpire | PolicyExpire]:
+        while True:
+            yield await self._events.get()
+
+    # --- outbound: packets the host routed into oe0 ------------------------------------------
+
+    def _tun_readable(self) -> None:
+        now = self.clock()
+        for pkt in self._tun.read_batch(self.batch):
+            try:
+                self.outbound(pkt, now)
+            except OSError as e:  # a send failed (no route, buffer full): the packet is lost
+                self.stats["send-error"] += 1
+                log.debug("send: %s", e)
+
+    def _sa_for(self, info: packet.IpInfo) -> ChildSa | None:
+        lst = self._sa_host.get(info.dst)
+        if lst:
+            for sa in reversed(lst):  # newest first: after a rekey the new SA carries traffic
+                if sa.covers(info):
+                    return sa
+        for sa in reversed(self._sa_nets):
+            if sa.covers(info):
+                return sa
+        return None
+
+    def outbound(self, pkt: bytes, now: float) -> None:
+        """Decide the fate of one packet read from oe0."""
+        try:
+            info = packet.parse(pkt)
+        except packet.PacketError:
+            self.stats["malformed"] += 1
+            return
+        sa = self._sa_for(info)
+        if sa is not None:
+            self._protect(sa, pkt, info, now)
+            return
+        shunt = self._shunts.get(info.dst)
+        if shunt is not None and shunt.expires is not None and shunt.expires <= now:
+            self._expire_shunt(info.dst, shunt)
+            shunt = None
+        if shunt is not None:
+            if shunt.kind is ShuntKind.PASS:
+                self._send_clear(pkt, info)
+            elif shunt.kind is ShuntKind.DROP:
+                self.stats["shunt-drop"] += 1
+            else:
+                self._hold(pkt, info, now)
+            return
+        kind = self.policy_for(info)
+        if kind == TRAP:
+            since = self._acquiring.get(info.dst)
+            if since is None or now - since >= ACQUIRE_EXPIRES:
+                self._acquiring[info.dst] = now
+                self._held.pop(info.dst, None)  # an old, abandoned hold is not released later
+                self._events.put_nowait(Acquire(info.src, info.dst, info.proto, info.sport,
+                                                info.dport, packet=pkt))
+                self._wake.set()
+            self._hold(pkt, info, now)
+        elif kind == BLOCK:
+            self.stats["blocked"] += 1
+        else:  # pass, or a route this dataplane no longer wants: never swallow traffic
+            self._send_clear(pkt, info)
+
+    def _protect(self, sa: ChildSa, pkt: bytes, info: packet.IpInfo, now: float) -> None:
+        p = sa.params
+        outer = (20 if p.remote.version == 4 else 40) + (8 if p.encap else 0)
+        if len(pkt) + sa.overhead() + outer > self.underlay_mtu:
+            if info.df and not info.fragment:
+                room = self.underlay_mtu - outer - sa.overhead()
+                self.stats["too-big"] += 1
+                self._tun.write(packet.too_big(pkt, info, max(room, 576 if info.version == 4
+                                                              else 1280), info.dst))
+                return
+        try:
+            esp = sa.protect(pkt, now, info)
+        except EspError as e:
+            self.stats[f"out-{e.reason}"] += 1
+            self._drain(sa)
+            return
+        if p.encap is not None:
+            if self._udp_send is None:
+                self.stats["no-udp-socket"] += 1
+                return
+            self._udp_send(esp, (str(p.remote), p.encap[1]))
+        else:
+            self._raw.sendto(esp, (str(p.remote), 0))
+        if sa.outbound.events:
+            self._drain(sa)
+
+    def _send_clear(self, pkt: bytes, info: packet.IpInfo) -> None:
+        """Send a packet that came into oe0 in the clear (marked: it takes the main table)."""
+        s = self._clear[socket.AF_INET if info.version == 4 else socket.AF_INET6]
+        s.sendto(pkt, (str(info.dst), 0))
+        self.stats["clear"] += 1
+
+    def _hold(self, pkt: bytes, info: packet.IpInfo, now: float) -> None:
+        held = self._held.get(info.dst)
+        if held is None:
+            if len(self._held) >= self.hold_destinations:
+                self.stats["hold-overflow"] += 1
+                return
+            held = self._held[info.dst] = _Held(collections.deque(maxlen=self.hold_max), now)
+        if len(held.packets) == self.hold_max:
+            self.stats["hold-overflow"] += 1  # the oldest goes, as a bounded queue must
+        held.packets.append(pkt)
+
+    def _release(self, dst: IPAddress, clear: bool) -> None:
+        held = self._held.pop(dst, None)
+        if held is None:
+            return
+        now = self.clock()
+        for pkt in held.packets:
+            try:
+                self.outbound(pkt, now) if not clear else self._send_clear(pkt, packet.parse(pkt))
+            except (OSError, packet.PacketError) as e:
+                self.stats["send-error"] += 1
+                log.debug("releasing held packet: %s", e)
+
+    def _drop_held(self, dst: IPAddress) -> None:
+        held = self._held.pop(dst, None)
+        if held is not None:
+            self.stats["shunt-drop"] += len(held.packets)
+
+    # --- inbound -----------------------------------------------------------------------------
+
+    def esp_received(self, data: bytes, addr: tuple) -> None:
+        """An ESP packet (SPI .. ICV) from `addr`: UDP 4500 (marker already split) or raw."""
+        sa = self._sa_in.get(int.from_bytes(data[:4], "big")) if len(data) >= 8 else None
+        if sa is None:
+            self.stats["unknown-spi" if len(data) >= 8 else "malformed"] += 1
+            return
+        try:
+            inner = sa.unprotect(data, self.clock())
+        except EspError as e:
+            self.stats[f"in-{e.reason}"] += 1
+            self._drain(sa)
+            return
+        try:
+            self._tun.write(inner)
+        except OSError as e:
+            self.stats["tun-write-error"] += 1
+            log.debug("tun write: %s", e)
+        if sa.inbound.events:
+            self._drain(sa)
+
+    # --- time --------------------------------------------------------------------------------
+
+    def _drain(self, sa: ChildSa) -> None:
+        for ev in sa.inbound.events + sa.outbound.events:
+            self._events.put_nowait(ev)
+        sa.inbound.events.clear()
+        sa.outbound.events.clear()
+
+    def _expire_shunt(self, remote: IPAddress, shunt: _Shunt) -> None:
+        if self._shunts.get(remote) is shunt:
+            del self._shunts[remote]
+            self._dirty.add(ipaddress.ip_network(remote))
+            self._wake.set()
+            self._events.put_nowait(PolicyExpire(ipaddress.ip_network(shunt.local),
+                                                 ipaddress.ip_network(remote), 0, True))
+
+    def poll(self, now: float) -> float | None:
+        """Fire what is due at `now` (SA lifetimes, shunt expiry, abandoned holds); return the
+        next deadline."""
+        nxt: list[float] = []
+        for sa in list(self._sa_in.values()):
+            for ev in sa.poll(now):
+                self._events.put_nowait(ev)
+            d = sa.next_deadline()
+            if d is not None:
+                nxt.append(d)
+        for remote, shunt in list(self._shunts.items()):
+            if shunt.expires is not None:
+                if shunt.expires <= now:
+                    self._expire_shunt(remote, shunt)
+                else:
+                    nxt.append(shunt.expires)
+        for dst, since in list(self._acquiring.items()):
+            if now - since >= ACQUIRE_EXPIRES:
+                del self._acquiring[dst]
+                if dst not in self._shunts:
+                    self._drop_held(dst)
+            else:
+                nxt.append(since + ACQUIRE_EXPIRES)
+        return min(nxt) if nxt else None
+
+    async def _timer_loop(self) -> None:
+        while True:
+            self._wake.clear()
+            nxt = self.poll(self.clock())
+            while self._dirty:
+                await self._sync_route(self._dirty.pop())
+            timeout = None if nxt is None else max(0.0, nxt - self.clock())
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
