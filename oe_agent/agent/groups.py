@@ -27,7 +27,7 @@ _PROTO_NAMES = {"icmp": 1, "tcp": 6, "udp": 17, "gre": 47, "esp": 50, "ah": 51,
                 "icmpv6": 58, "ipv6-icmp": 58, "sctp": 132, "udplite": 136}
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True)
 class Selector:
     """Destination CIDR with optional protocol and ports (libreswan's `CIDR proto sport dport`)."""
 
@@ -41,6 +41,9 @@ class Selector:
         if self.proto:
             s += f" {self.proto} {self.sport} {self.dport}"
         return s
+
+    def sort_key(self) -> tuple:
+        return (self.net.version, self.net, self.proto, self.sport, self.dport)
 
     def specificity(self) -> tuple[int, int, int, int]:
         return (self.net.prefixlen, bool(self.proto), bool(self.dport), bool(self.sport))
@@ -60,7 +63,7 @@ class GroupEntry:
     source: str  # "path:line", or why the agent added it ("own address", "DNS resolver")
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True)
 class KernelPolicy:
     """One policy the groups imply: action is trap, pass or block."""
 
@@ -177,7 +180,7 @@ class PolicyGroups:
         return cls(entries, ex)
 
     def entries(self) -> list[GroupEntry]:
-        return sorted(self._by_sel.values(), key=lambda e: (e.group, e.selector))
+        return sorted(self._by_sel.values(), key=lambda e: (e.group, e.selector.sort_key()))
 
     def lookup(self, addr: IPAddress | str, proto: int = 0, sport: int = 0,
                dport: int = 0) -> GroupEntry | None:
@@ -215,8 +218,9 @@ def diff(old: frozenset[KernelPolicy], new: frozenset[KernelPolicy]) -> GroupDif
     place), not removed, so nothing is uncovered in between."""
     old_by = {p.selector: p.action for p in old}
     new_by = {p.selector: p.action for p in new}
-    remove = tuple(sorted(s for s in old_by if s not in new_by))
-    install = tuple(sorted(p for p in new if old_by.get(p.selector) != p.action))
+    remove = tuple(sorted((s for s in old_by if s not in new_by), key=Selector.sort_key))
+    install = tuple(sorted((p for p in new if old_by.get(p.selector) != p.action),
+                           key=lambda p: p.selector.sort_key()))
     return GroupDiff(remove, install)
 
 

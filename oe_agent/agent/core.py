@@ -1,0 +1,899 @@
+"""The Agent: the single owner of mutable agent state (product.md §1–3).
+
+One asyncio task reads one queue. Adapters only post to it: the dataplane's events (Acquire,
+SaExpire, PolicyExpire), the IKE side's events, DNS answers (lookups run as tasks that post
+their result), control requests (with a future for the answer). Timers (shunt expiry, idle
+checks) come from heaps whose earliest deadline bounds the wait. Every per-peer decision is a
+cell of `peer.TABLE`; this module performs the cell's action.
+
+The IKE side is reached through `IkeLink` (initiate, supply keys, rekey, delete); its events
+come back as the small input types below, tagged with the peer and the IKE SA they belong to.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import heapq
+import ipaddress
+import itertools
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Protocol
+
+from oe_agent.agent import shunts as sh
+from oe_agent.agent.groups import ANSWERS, INITIATES, GroupEntry, PolicyGroups, diff
+from oe_agent.agent.peer import Action, PeerInput, PeerState, step
+from oe_agent.config import Config, PeerConfig
+from oe_agent.errors import UserError
+from oe_agent.model import (Acquire, Capabilities, ChildSaParams, Dataplane, IPAddress, Mode,
+                            PolicyExpire, SaExpire, ShuntKind, TrafficSelector)
+
+log = logging.getLogger(__name__)
+
+UNAUTHENTICATED = "unauthenticated"  # the marker supply_peer_keys takes for AUTH_NULL (RFC 7619)
+REQID_BASE = 0x0E0A0000              # the agent's reqid band (product.md §6)
+HISTORY = 32                         # negotiation history lines kept per peer
+
+
+# --- what the IKE side is asked to do, and what it reports -------------------------------
+
+class IkeLink(Protocol):
+    """The core's view of the IKE engine + UDP adapter (one IKE SA per peer and attempt)."""
+
+    def initiate(self, local: IPAddress, remote: IPAddress, *, mode: Mode, auth_null: bool,
+                 ts_local: tuple[TrafficSelector, ...], ts_remote: tuple[TrafficSelector, ...],
+                 psk: bytes | None = None) -> Any: ...
+
+    def supply_peer_keys(self, remote: IPAddress, ike_id: Any, keys: list | str) -> None: ...
+
+    def abort(self, remote: IPAddress, ike_id: Any, reason: str) -> None: ...
+
+    def rekey_child(self, remote: IPAddress, spi_in: int) -> None: ...
+
+    def delete(self, remote: IPAddress) -> None: ...
+
+
+@dataclass(frozen=True)
+class IkeRequest:
+    """The peer sent IKE_SA_INIT (the adapter asked `may_respond` first)."""
+    remote: IPAddress
+    local: IPAddress
+    ike_id: Any = None
+
+
+@dataclass(frozen=True)
+class KeyNeeded:
+    """The engine needs the peer's keys to verify AUTH (PeerKeyNeeded)."""
+    remote: IPAddress
+    ike_id: Any = None
+    peer_id: str = ""
+
+
+@dataclass(frozen=True)
+class ChildUp:
+    """ChildSaEstablished (initial or re-established after a peer restart)."""
+    remote: IPAddress
+    params: ChildSaParams
+    ike_id: Any = None
+    auth: str = "pubkey"  # pubkey | psk | null
+
+
+@dataclass(frozen=True)
+class ChildRekeyed:
+    remote: IPAddress
+    params: ChildSaParams
+    old_spi_in: int
+    ike_id: Any = None
+
+
+@dataclass(frozen=True)
+class ChildGone:
+    """ChildSaDeleted, or IkeSaDeleted (spi_in None: every child of the peer, e.g. liveness)."""
+    remote: IPAddress
+    spi_in: int | None = None
+    reason: str = ""
+    ike_id: Any = None
+
+
+@dataclass(frozen=True)
+class Failed:
+    """NegotiationFailed(reason): no-proposal, ts-unacceptable, auth-failed, timeout,
+    peer-unreachable, internal."""
+    remote: IPAddress
+    reason: str
+    ike_id: Any = None
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class DnsAnswer:
+    remote: IPAddress
+    answer: Any  # oe_agent.dns KeyAnswer (status, keys, ttl, reason)
+    name: str = ""
+
+
+@dataclass
+class _Request:
+    verb: str
+    args: dict
+    future: asyncio.Future
+
+
+IkeInput = IkeRequest | KeyNeeded | ChildUp | ChildRekeyed | ChildGone | Failed
+
+
+# --- per-peer record ----------------------------------------------------------------------
+
+@dataclass
+class Peer:
+    remote: IPAddress
+    local: IPAddress | None = None
+    state: PeerState = PeerState.TRAP
+    group: GroupEntry | None = None
+    static: PeerConfig | None = None
+    answer: Any = None          # last DNS answer
+    answer_name: str = ""
+    keys_needed: set = field(default_factory=set)   # ike_ids waiting for keys
+    negotiations: set = field(default_factory=set)  # ike_ids in flight
+    children: dict[int, ChildSaParams] = field(default_factory=dict)  # by spi_in
+    auth: str = ""              # how the SA's peer was authenticated, in words
+    up_since: float = 0.0
+    last_bytes: int = -1
+    last_active: float = 0.0
+    initiated: bool = False
+    history: collections.deque = field(default_factory=lambda: collections.deque(maxlen=HISTORY))
+
+
+class Agent:
+    """Owns peers, shunts and group state; decisions are peer.TABLE cells."""
+
+    def __init__(self, config: Config, dataplane: Dataplane, ike: IkeLink | None,
+                 resolver: Any | None, groups: PolicyGroups, *,
+                 clock: Callable[[], float] = time.monotonic,
+                 rng: Callable[[], float] | None = None,
+                 local_addresses: Iterable[IPAddress] = (),
+                 reload_groups: Callable[[], PolicyGroups] | None = None):
+        self.config = config
+        self.dataplane = dataplane
+        self.ike = ike
+        self.resolver = resolver
+        self.groups = groups
+        self.clock = clock
+        self.local_addresses = tuple(local_addresses) or config.addresses
+        self._reload_groups = reload_groups
+        self.shunts = sh.ShuntTable(dict(config.lifetimes), rng or random.SystemRandom().random)
+        self.peers: dict[IPAddress, Peer] = {}
+        self.static = {p.address: p for p in config.peers}
+        self.kernel_state = frozenset()
+        self.capabilities: Capabilities | None = None
+        self.started = clock()
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self._timers: list[tuple[float, int, str, IPAddress]] = []
+        self._seq = itertools.count()
+        self._reqids = itertools.count(REQID_BASE + 1)
+        self._tasks: set[asyncio.Task] = set()
+        self._stopping = False
+        self.metrics = collections.Counter()
+
+    # --- inputs: posted by adapters -------------------------------------------------------
+
+    def post(self, item: Any) -> None:
+        """Adapters call this (sync, from the loop thread); the core task handles it."""
+        self.queue.put_nowait(item)
+
+    async def request(self, verb: str, **args) -> Any:
+        """A control request, answered by the core task (so reads see consistent state)."""
+        fut = asyncio.get_running_loop().create_future()
+        self.post(_Request(verb, args, fut))
+        return await fut
+
+    def may_respond(self, remote: IPAddress) -> bool:
+        """Asked by the IKE adapter on an IKE_SA_INIT from a stranger: answer only if the
+        peer's group says so (product.md §1 responder). Read-only."""
+        if remote in self.static:
+            return True
+        g = self.groups.lookup(remote)
+        return g is not None and g.group in ANSWERS
+
+    # --- the task ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Probe the dataplane, install the groups' kernel state, start static peers."""
+        self.capabilities = await self.dataplane.start()
+        await self._apply(diff(frozenset(), self.groups.kernel_state()))
+        self.kernel_state = self.groups.kernel_state()
+        for p in self.config.peers:
+            if p.start == "trap":
+                await self.dataplane.set_trap(ipaddress.ip_network(p.address))
+            if p.start == "now":
+                await self._input(self._peer(p.address), PeerInput.ACQUIRE,
+                                  Acquire(src=self._local_for(p.address), dst=p.address))
+
+    async def run(self) -> None:
+        """Handle queued inputs and timers until stop()."""
+        events = asyncio.create_task(self._pump_dataplane())
+        try:
+            while not self._stopping:
+                deadline = self.next_deadline()
+                timeout = None if deadline is None else max(0.0, deadline - self.clock())
+                try:
+                    item = await asyncio.wait_for(self.queue.get(), timeout)
+                except asyncio.TimeoutError:
+                    item = None
+                if item is not None:
+                    await self.handle(item)
+                await self.on_timers(self.clock())
+        finally:
+            events.cancel()
+
+    async def _pump_dataplane(self) -> None:
+        async for ev in self.dataplane.events():
+            self.post(ev)
+
+    async def handle(self, item: Any) -> None:
+        """One input; errors are logged, never fatal to the agent."""
+        try:
+            if isinstance(item, _Request):
+                try:
+                    item.future.set_result(await self._control(item.verb, item.args))
+                except UserError as e:
+                    item.future.set_exception(e)
+                return
+            handler = self._HANDLERS.get(type(item))
+            if handler is None:
+                log.warning("unexpected input %r", item)
+                return
+            await handler(self, item)
+        except Exception:  # one bad event must not stop the agent
+            log.exception("error handling %r", item)
+            if isinstance(item, _Request) and not item.future.done():
+                item.future.set_exception(UserError("internal error (see the agent's log)"))
+
+    def next_deadline(self) -> float | None:
+        ds = [d for d in (self.shunts.next_deadline(), self._timers[0][0] if self._timers else None)
+              if d is not None]
+        return min(ds) if ds else None
+
+    async def on_timers(self, now: float) -> None:
+        for s in self.shunts.pop_expired(now):
+            p = self._peer(s.remote)
+            p.history.append((now, f"{s.kind.value} shunt ({s.reason}) expired after {s.lifetime:.0f}s"))
+            await self._input(p, PeerInput.SHUNT_EXPIRED, s)
+        while self._timers and self._timers[0][0] <= now:
+            _, _, kind, addr = heapq.heappop(self._timers)
+            if kind == "idle":
+                await self._idle_check(addr, now)
+
+    async def stop(self) -> None:
+        """Clean stop: delete SAs and everything installed, unless keep_sas_on_stop."""
+        self._stopping = True
+        self.post(None)
+        for t in list(self._tasks):
+            t.cancel()
+        keep = self.config.keep_sas_on_stop
+        if not keep:
+            for p in list(self.peers.values()):
+                await self._input(p, PeerInput.STOP, None)
+            await self._apply(diff(self.kernel_state, frozenset()))
+            self.kernel_state = frozenset()
+        await self.dataplane.stop(keep_sas=keep)
+
+    # --- dataplane events -------------------------------------------------------------------
+
+    async def _on_acquire(self, acq: Acquire) -> None:
+        self.metrics["acquires"] += 1
+        p = self._peer(acq.dst)
+        p.local = p.local or acq.src
+        if p.static is None:
+            p.group = self.groups.lookup(acq.dst, acq.proto, acq.sport, acq.dport)
+            if p.group is None or p.group.group not in INITIATES:
+                what = p.group.group if p.group else "no group"
+                p.history.append((self.clock(), f"acquire ignored: {what} does not initiate"))
+                return
+        await self._input(p, PeerInput.ACQUIRE, acq)
+
+    async def _on_sa_expire(self, ev: SaExpire) -> None:
+        for p in self.peers.values():
+            child = p.children.get(ev.spi)
+            if child is None:
+                child = next((c for c in p.children.values() if c.spi_out == ev.spi), None)
+            if child is not None:
+                if ev.hard:
+                    p.children.pop(child.spi_in, None)
+                    p.history.append((self.clock(), f"SA {child.spi_in:08x} hard-expired"))
+                    if not p.children:
+                        await self._input(p, PeerInput.SA_GONE, None)
+                else:
+                    await self._input(p, PeerInput.REKEY_DUE, child)
+                return
+
+    async def _on_policy_expire(self, ev: PolicyExpire) -> None:
+        # The kernel dataplane may put lifetimes on shunt policies; our heap is the clock that
+        # decides, so a kernel-side expiry only means "already gone": fire ours now.
+        s = self.shunts.get(ev.dst.network_address)
+        if s is not None and ev.hard:
+            self.shunts.remove(s.remote)
+            p = self._peer(s.remote)
+            p.history.append((self.clock(), f"{s.kind.value} shunt ({s.reason}) expired in the kernel"))
+            await self._input(p, PeerInput.SHUNT_EXPIRED, s)
+
+    # --- IKE events -------------------------------------------------------------------------
+
+    async def _on_ike_request(self, ev: IkeRequest) -> None:
+        p = self._peer(ev.remote)
+        p.local = p.local or ev.local
+        if p.static is None:
+            p.group = self.groups.lookup(ev.remote)
+        if not self._answers(p):
+            # the adapter checked may_respond; a reload may have raced it
+            if self.ike:
+                self.ike.abort(ev.remote, ev.ike_id, "group does not answer")
+            return
+        p.negotiations.add(ev.ike_id)
+        await self._input(p, PeerInput.IKE_REQUEST, ev)
+
+    async def _on_key_needed(self, ev: KeyNeeded) -> None:
+        p = self._peer(ev.remote)
+        p.keys_needed.add(ev.ike_id)
+        if ev.peer_id and ev.peer_id != str(ev.remote) and not _is_ip(ev.peer_id):
+            self._lookup(p, ev.peer_id)  # FQDN identity: its own name (product.md §4)
+        self._supply(p)
+
+    async def _on_child_up(self, ev: ChildUp) -> None:
+        p = self._peer(ev.remote)
+        p.negotiations.discard(ev.ike_id)
+        await self._input(p, PeerInput.CHILD_UP, ev)
+
+    async def _on_child_rekeyed(self, ev: ChildRekeyed) -> None:
+        await self._input(self._peer(ev.remote), PeerInput.REKEYED, ev)
+
+    async def _on_child_gone(self, ev: ChildGone) -> None:
+        p = self._peer(ev.remote)
+        p.negotiations.discard(ev.ike_id)
+        gone = list(p.children.values()) if ev.spi_in is None else \
+            [c for c in (p.children.get(ev.spi_in),) if c]
+        for c in gone:
+            await self._del_child(p, c)
+        if gone:
+            p.history.append((self.clock(), f"SA deleted ({ev.reason or 'by peer'})"))
+        if not p.children:
+            await self._input(p, PeerInput.SA_GONE, ev)
+
+    async def _on_failed(self, ev: Failed) -> None:
+        p = self._peer(ev.remote)
+        p.negotiations.discard(ev.ike_id)
+        p.keys_needed.discard(ev.ike_id)
+        self.metrics[f"negotiations_failed_{ev.reason}"] += 1
+        p.history.append((self.clock(), f"negotiation failed: {ev.reason}"
+                          + (f" ({ev.detail})" if ev.detail else "")))
+        if p.negotiations:
+            return  # mutual initiation: the other IKE SA goes on (the engine's tie-break)
+        await self._input(p, PeerInput.FAILED, ev)
+
+    async def _on_dns(self, ev: DnsAnswer) -> None:
+        p = self._peer(ev.remote)
+        p.answer, p.answer_name = ev.answer, ev.name
+        status = getattr(ev.answer, "status", "timeout")
+        self.metrics[f"dns_{status}"] += 1
+        p.history.append((self.clock(), f"DNS {ev.name or ev.remote}: {status}"
+                          + (f" ({ev.answer.reason})" if getattr(ev.answer, "reason", "") else "")))
+        verdict = self._judge(p)
+        if verdict is None:
+            self._supply(p)
+            return
+        reason, detail = verdict
+        for ike_id in list(p.negotiations):
+            if self.ike:
+                self.ike.abort(p.remote, ike_id, reason)
+        p.negotiations.clear()
+        p.keys_needed.clear()
+        await self._input(p, PeerInput.FAILED, Failed(p.remote, reason, detail=detail))
+
+    _HANDLERS: dict[type, Callable] = {}
+
+    # --- decisions ----------------------------------------------------------------------------
+
+    def _judge(self, p: Peer) -> tuple[str, str] | None:
+        """None if the DNS answer lets the negotiation go on, else (shunt reason, detail)."""
+        a = p.answer
+        status = getattr(a, "status", "timeout")
+        group = p.group.group if p.group else ""
+        keys = list(getattr(a, "keys", None) or [])
+        if status == "secure-key" and keys:
+            return None
+        if status == "bogus":
+            return sh.BOGUS, getattr(a, "reason", "")
+        if status == "insecure" and keys:
+            if group == "private" or not self.config.insecure_private_or_clear:
+                return sh.INSECURE, "the key is not DNSSEC-signed"
+            return None
+        if self._auth_null_ok(p):
+            return None
+        if status in ("secure-denial", "insecure", "secure-key"):
+            return sh.NO_KEY, "no IPSECKEY published"
+        return sh.SILENT, f"DNS {status}"
+
+    def _auth_null_ok(self, p: Peer) -> bool:
+        """AUTH_NULL OE where configured, never for `private` (it needs a secure key)."""
+        return self.config.auth_null and p.group is not None and p.group.group != "private"
+
+    def _answers(self, p: Peer) -> bool:
+        return p.static is not None or (p.group is not None and p.group.group in ANSWERS)
+
+    def _supply(self, p: Peer) -> None:
+        """Give keys to every IKE SA waiting for them, once the DNS answer is in."""
+        if not p.keys_needed or self.ike is None:
+            return
+        keys: list | str | None = None
+        if p.static is not None:
+            keys = self._static_keys(p.static)
+        elif p.answer is not None and self._judge(p) is None:
+            ks = [k.public_key for k in (getattr(p.answer, "keys", None) or [])]
+            keys = ks or UNAUTHENTICATED
+        if keys is None:
+            return
+        for ike_id in list(p.keys_needed):
+            self.ike.supply_peer_keys(p.remote, ike_id, keys)
+        p.keys_needed.clear()
+
+    def _static_keys(self, pc: PeerConfig) -> list | str:
+        if pc.auth == "null":
+            return UNAUTHENTICATED
+        if pc.auth == "psk":
+            return []
+        return [load_public_key(pc.public_key)]
+
+    def _lookup(self, p: Peer, name: str | None = None) -> None:
+        """Start a DNS lookup as a task that posts its answer (in parallel with IKE)."""
+        if self.resolver is None:
+            self.post(DnsAnswer(p.remote, _NoResolver(), name or ""))
+            return
+        target = name or str(p.remote)
+
+        async def go():
+            try:
+                ans = await self.resolver.lookup(target)
+            except Exception as e:  # the resolver's own errors become a timeout-class answer
+                log.warning("lookup %s failed: %s", target, e)
+                ans = _NoResolver(reason=str(e))
+            self.post(DnsAnswer(p.remote, ans, target))
+
+        t = asyncio.get_running_loop().create_task(go())
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+
+    # --- performing cells ------------------------------------------------------------------------
+
+    async def _input(self, p: Peer, inp: PeerInput, ev: Any) -> None:
+        action, nxt = step(p.state, inp)
+        if action is Action.IGNORE:
+            log.debug("%s: %s in %s ignored", p.remote, inp.value, p.state.value)
+        prev = p.state
+        p.state = nxt
+        await getattr(self, f"_do_{action.value}")(p, ev, prev)
+        if nxt is not prev:
+            log.info("%s: %s -> %s (%s)", p.remote, prev.value, nxt.value, inp.value)
+
+    async def _do_ignore(self, p, ev, prev):
+        pass
+
+    async def _do_negotiate(self, p: Peer, acq: Acquire, prev):
+        now = self.clock()
+        p.local = acq.src if acq else (p.local or self._local_for(p.remote))
+        p.initiated = True
+        kind = self._negotiation_kind(p)
+        self.shunts.negotiation(p.remote, p.local, kind, now)
+        self.shunts.count_packet(p.remote)
+        await self.dataplane.set_shunt(p.local, p.remote, kind, self.config.lifetimes["negotiation"])
+        p.history.append((now, f"acquire {acq.src if acq else p.local} -> {p.remote}: "
+                               f"{kind.value} while negotiating"))
+        self.metrics["negotiations_started"] += 1
+        await self._start_ike(p)
+
+    async def _start_ike(self, p: Peer) -> None:
+        pc = p.static
+        mode = pc.mode if pc else Mode.TRANSPORT
+        if pc is None:
+            self._lookup(p)  # in parallel with IKE_SA_INIT, not before it (product.md §1.3)
+        if self.ike is None:
+            return
+        ike_id = self.ike.initiate(
+            p.local, p.remote, mode=mode,
+            auth_null=(pc.auth == "null") if pc else self._auth_null_ok(p),
+            ts_local=(TrafficSelector.host(p.local),), ts_remote=(TrafficSelector.host(p.remote),),
+            psk=pc.psk.encode() if pc and pc.auth == "psk" else None)
+        p.negotiations.add(ike_id)
+
+    async def _do_join(self, p: Peer, acq: Acquire, prev):
+        """We trapped while the peer's negotiation runs: cover our packets, don't start another."""
+        kind = self._negotiation_kind(p)
+        p.local = acq.src if acq else p.local
+        self.shunts.negotiation(p.remote, p.local, kind, self.clock())
+        await self.dataplane.set_shunt(p.local, p.remote, kind, self.config.lifetimes["negotiation"])
+        p.history.append((self.clock(), f"acquire joins the peer's negotiation ({kind.value})"))
+
+    async def _do_respond(self, p: Peer, ev: IkeRequest, prev):
+        p.history.append((self.clock(), f"IKE_SA_INIT from {p.remote}: answering "
+                          f"({p.group.group if p.group else 'static peer'})"))
+        if p.static is None and (p.answer is None or prev is PeerState.UP):
+            self._lookup(p)
+
+    async def _do_count(self, p: Peer, ev, prev):
+        self.shunts.count_packet(p.remote)
+
+    async def _do_install(self, p: Peer, ev: ChildUp, prev):
+        params = self._with_reqid(ev.params)
+        await self.dataplane.add_child_sa(params)
+        if p.remote in self.shunts:
+            self.shunts.remove(p.remote)
+            await self.dataplane.clear_shunt(params.local, p.remote)
+        self.shunts.succeeded(p.remote)
+        p.children[params.spi_in] = params
+        p.local = params.local
+        now = self.clock()
+        p.up_since, p.last_active, p.last_bytes = now, now, -1
+        p.auth = self._auth_words(p, ev.auth)
+        self.metrics["negotiations_succeeded"] += 1
+        p.history.append((now, f"Child SA up: in {params.spi_in:08x} out {params.spi_out:08x} "
+                               f"{params.alg.encr}-{params.alg.encr_key_bits} {params.mode.value}, "
+                               f"{p.auth}"))
+        self._arm_idle(p, now)
+
+    async def _do_replace(self, p: Peer, ev: ChildUp | ChildRekeyed, prev):
+        params = self._with_reqid(ev.params)
+        await self.dataplane.add_child_sa(params)
+        old = [ev.old_spi_in] if isinstance(ev, ChildRekeyed) else list(p.children)
+        p.children[params.spi_in] = params
+        for spi in old:
+            c = p.children.get(spi)
+            if c is not None and spi != params.spi_in:
+                await self._del_child(p, c)
+        if isinstance(ev, ChildUp):
+            p.auth = self._auth_words(p, ev.auth)
+        p.history.append((self.clock(), f"Child SA {'rekeyed' if isinstance(ev, ChildRekeyed) else 're-established'}: "
+                          f"in {params.spi_in:08x} out {params.spi_out:08x}"))
+
+    async def _do_fail(self, p: Peer, ev: Failed | None, prev):
+        now = self.clock()
+        group = p.group.group if p.group else ""
+        if not isinstance(ev, Failed):  # the negotiation shunt ran out
+            reason, detail, neg_ttl = sh.SILENT, "negotiation took longer than its shunt", 0
+            for ike_id in list(p.negotiations):
+                if self.ike:
+                    self.ike.abort(p.remote, ike_id, "timeout")
+            p.negotiations.clear()
+        else:
+            reason = ev.reason if ev.reason in _SHUNT_REASONS else sh.IKE_REASON.get(ev.reason, sh.INTERNAL)
+            detail = ev.detail or ev.reason
+            neg_ttl = getattr(p.answer, "ttl", 0) if reason == sh.NO_KEY else 0
+        kind = self.config.failure_shunt.get(group, ShuntKind.DROP if p.static else ShuntKind.PASS)
+        s = self.shunts.failure(p.remote, p.local, kind, reason, now, neg_ttl or 0, detail)
+        await self.dataplane.set_shunt(p.local or self._local_for(p.remote), p.remote, s.kind,
+                                       int(s.lifetime) + 1)
+        p.history.append((now, f"failure shunt {s.kind.value} for {s.lifetime:.0f}s ({reason}: {detail})"))
+
+    async def _do_forget(self, p: Peer, ev, prev):
+        p.history.append((self.clock(), "the peer's negotiation failed; nothing installed"))
+
+    async def _do_rekey(self, p: Peer, child: ChildSaParams, prev):
+        p.history.append((self.clock(), f"soft expire of {child.spi_in:08x}: rekeying"))
+        if self.ike:
+            self.ike.rekey_child(p.remote, child.spi_in)
+
+    async def _do_remove(self, p: Peer, ev, prev):
+        for c in list(p.children.values()):
+            await self._del_child(p, c)
+        p.history.append((self.clock(), "SA gone; the trap covers the peer again"))
+
+    async def _do_delete(self, p: Peer, ev, prev):
+        if self.ike:
+            self.ike.delete(p.remote)
+        for c in list(p.children.values()):
+            await self._del_child(p, c)
+        p.history.append((self.clock(), "SA deleted by us"))
+
+    async def _do_abort(self, p: Peer, ev, prev):
+        for ike_id in list(p.negotiations):
+            if self.ike:
+                self.ike.abort(p.remote, ike_id, "stopped")
+        p.negotiations.clear()
+        p.keys_needed.clear()
+        await self._do_restore(p, ev, prev)
+
+    async def _do_restore(self, p: Peer, ev, prev):
+        s = self.shunts.remove(p.remote) or (ev if isinstance(ev, sh.Shunt) else None)
+        if s is not None:
+            await self.dataplane.clear_shunt(s.local or p.local or self._local_for(p.remote), p.remote)
+            p.history.append((self.clock(), f"{s.kind.value} shunt removed; trap restored"))
+
+    # --- helpers ---------------------------------------------------------------------------------
+
+    async def _del_child(self, p: Peer, c: ChildSaParams) -> None:
+        p.children.pop(c.spi_in, None)
+        try:
+            await self.dataplane.del_child_sa(c)
+        except Exception as e:  # already gone (hard expire) is fine
+            log.debug("del_child_sa %08x: %s", c.spi_in, e)
+
+    def _with_reqid(self, params: ChildSaParams) -> ChildSaParams:
+        return params if params.reqid else dataclasses.replace(params, reqid=next(self._reqids))
+
+    def _negotiation_kind(self, p: Peer) -> ShuntKind:
+        g = p.group.group if p.group else ""
+        return self.config.negotiation_shunt.get(g, ShuntKind.HOLD)
+
+    def _auth_words(self, p: Peer, auth: str) -> str:
+        if auth == "null":
+            return "unauthenticated (AUTH_NULL)"
+        if auth == "psk":
+            return "authenticated (PSK)"
+        if p.static is not None:
+            return "authenticated (static key)"
+        status = getattr(p.answer, "status", "")
+        if status == "insecure":
+            return "unauthenticated (key from unsigned DNS)"
+        return "authenticated (DNSSEC key)"
+
+    def _arm_idle(self, p: Peer, now: float) -> None:
+        if self.config.idle_timeout:
+            heapq.heappush(self._timers, (now + self.config.idle_timeout, next(self._seq), "idle", p.remote))
+
+    async def _idle_check(self, addr: IPAddress, now: float) -> None:
+        """Traffic in either direction (both SAs' byte counters) keeps the SA."""
+        p = self.peers.get(addr)
+        if p is None or p.state is not PeerState.UP:
+            return
+        spis = {c.spi_in for c in p.children.values()} | {c.spi_out for c in p.children.values()}
+        total = sum(c.bytes for c in await self.dataplane.counters() if c.spi in spis)
+        if total != p.last_bytes or now - p.last_active < self.config.idle_timeout:
+            if total != p.last_bytes:
+                p.last_active = now
+            p.last_bytes = total
+            heapq.heappush(self._timers, (p.last_active + self.config.idle_timeout,
+                                          next(self._seq), "idle", addr))
+            return
+        p.history.append((now, f"idle for {self.config.idle_timeout}s in both directions"))
+        await self._input(p, PeerInput.IDLE, None)
+
+    def _peer(self, remote: IPAddress) -> Peer:
+        p = self.peers.get(remote)
+        if p is None:
+            p = Peer(remote, static=self.static.get(remote))
+            p.group = None if p.static else self.groups.lookup(remote)
+            self.peers[remote] = p
+        return p
+
+    def _local_for(self, remote: IPAddress) -> IPAddress:
+        for a in self.local_addresses:
+            if a.version == remote.version:
+                return a
+        raise UserError(f"no local IPv{remote.version} address to reach {remote} from")
+
+    async def _apply(self, d) -> None:
+        for sel in d.remove:
+            await self.dataplane.remove_group_policy(sel.net, sel.proto, sel.dport)
+        for kp in d.install:
+            fn = {"trap": self.dataplane.set_trap, "pass": self.dataplane.set_pass,
+                  "block": self.dataplane.set_block}[kp.action]
+            await fn(kp.selector.net, kp.selector.proto, kp.selector.dport)
+
+    # --- control -------------------------------------------------------------------------------------
+
+    async def _control(self, verb: str, args: dict) -> Any:
+        now = self.clock()
+        if verb == "status":
+            return self.status(now)
+        if verb == "sas":
+            return [self._sa_record(p, c, now) for p in self._sorted_peers() for c in p.children.values()]
+        if verb == "shunts":
+            return [s.to_dict(now) for s in self.shunts.all()]
+        if verb == "explain":
+            return self.explain(args["addr"], now)
+        if verb == "acquire":
+            return await self._synthetic_acquire(**args)
+        if verb == "reload":
+            return await self.reload()
+        if verb == "metrics":
+            return self.metrics_text(now)
+        raise UserError(f"unknown request {verb!r}")
+
+    async def _synthetic_acquire(self, src: IPAddress, dst: IPAddress, proto: int = 0,
+                                 dport: int = 0) -> dict:
+        """Like `whack --oppohere`: the decision an ACQUIRE from src to dst gets."""
+        if src not in self.local_addresses and self.local_addresses:
+            raise UserError(f"{src} is not one of this agent's addresses "
+                            f"({', '.join(map(str, self.local_addresses))})")
+        if src.version != dst.version:
+            raise UserError(f"{src} and {dst} are not the same IP version")
+        before = self.peers.get(dst).state if dst in self.peers else PeerState.TRAP
+        await self._on_acquire(Acquire(src=src, dst=dst, proto=proto, dport=dport))
+        p = self._peer(dst)
+        g = p.group.group if p.group else ("static peer" if p.static else "no group")
+        return {"dst": str(dst), "group": g, "before": before.value, "state": p.state.value,
+                "decision": p.history[-1][1] if p.history else ""}
+
+    async def reload(self) -> dict:
+        """Re-read the groups; change kernel state by difference; keep SAs still allowed."""
+        if self._reload_groups is None:
+            raise UserError("this agent was started without a policies directory to reload")
+        new = self._reload_groups()  # UserError leaves everything as it was
+        new_state = new.kernel_state()
+        d = diff(self.kernel_state, new_state)
+        await self._apply(d)
+        self.groups, self.kernel_state = new, new_state
+        dropped = 0
+        for p in list(self.peers.values()):
+            if p.static is not None:
+                continue
+            p.group = new.lookup(p.remote)
+            allowed = p.group is not None and (
+                p.group.group in ANSWERS if p.state in (PeerState.UP, PeerState.RESPONDING)
+                else p.group.group in INITIATES)
+            if p.state is not PeerState.TRAP and not allowed:
+                p.history.append((self.clock(), f"reload: now in "
+                                  f"{p.group.group if p.group else 'no group'}"))
+                await self._input(p, PeerInput.DISALLOWED, None)
+                dropped += 1
+        self.metrics["reloads"] += 1
+        return {"removed": [str(s) for s in d.remove],
+                "installed": [f"{p.action} {p.selector}" for p in d.install],
+                "peers_changed": dropped}
+
+    def _sorted_peers(self) -> list[Peer]:
+        return sorted(self.peers.values(), key=lambda p: (p.remote.version, p.remote))
+
+    def _sa_record(self, p: Peer, c: ChildSaParams, now: float) -> dict:
+        return {"remote": str(p.remote), "local": str(c.local), "spi_in": f"{c.spi_in:08x}",
+                "spi_out": f"{c.spi_out:08x}", "mode": c.mode.value,
+                "alg": c.alg.encr + (f"-{c.alg.encr_key_bits}") + (f"+{c.alg.integ}" if c.alg.integ else ""),
+                "encap": list(c.encap) if c.encap else None, "reqid": c.reqid,
+                "auth": p.auth, "age": round(now - p.up_since, 1),
+                "group": p.group.group if p.group else "static"}
+
+    def status(self, now: float) -> dict:
+        states = collections.Counter(p.state.value for p in self.peers.values())
+        return {"uptime": round(now - self.started, 1),
+                "dataplane": type(self.dataplane).__name__,
+                "esp": bool(self.capabilities and self.capabilities.esp),
+                "addresses": [str(a) for a in self.local_addresses],
+                "policies": len(self.kernel_state),
+                "peers": {s.value: states.get(s.value, 0) for s in PeerState},
+                "sas": sum(len(p.children) for p in self.peers.values()),
+                "shunts": len(self.shunts),
+                "peer_list": [{"remote": str(p.remote), "state": p.state.value,
+                               "group": p.group.group if p.group else ("static" if p.static else None),
+                               "auth": p.auth if p.state is PeerState.UP else ""}
+                              for p in self._sorted_peers()]}
+
+    def explain(self, addr: IPAddress, now: float) -> dict:
+        p = self.peers.get(addr)
+        g = (p.group if p else None) or (None if addr in self.static else self.groups.lookup(addr))
+        rec: dict[str, Any] = {"address": str(addr)}
+        if addr in self.static:
+            sp = self.static[addr]
+            rec["group"] = {"name": "static peer", "source": str(self.config.path),
+                            "words": f"static peer ({sp.auth}, {sp.mode.value}, start={sp.start})"}
+        elif g is None:
+            rec["group"] = {"name": None, "source": None,
+                            "words": "no policy group covers it: traffic is left alone (clear)"}
+        else:
+            rec["group"] = {"name": g.group, "source": g.source, "selector": str(g.selector),
+                            "words": _GROUP_WORDS[g.group]}
+        a = p.answer if p else None
+        if a is not None:
+            rec["dns"] = {"name": p.answer_name, "status": getattr(a, "status", ""),
+                          "reason": getattr(a, "reason", ""), "ttl": getattr(a, "ttl", 0),
+                          "keys": len(getattr(a, "keys", None) or []),
+                          "words": _DNS_WORDS.get(getattr(a, "status", ""), "")}
+        else:
+            rec["dns"] = None
+        rec["state"] = p.state.value if p else PeerState.TRAP.value
+        rec["history"] = [{"age": round(now - t, 1), "event": e} for t, e in (p.history if p else ())]
+        rec["sas"] = [self._sa_record(p, c, now) for c in p.children.values()] if p else []
+        s = self.shunts.get(addr)
+        rec["shunt"] = s.to_dict(now) if s else None
+        rec["now"] = self._now_words(p, s, g, now)
+        return rec
+
+    def _now_words(self, p: Peer | None, s, g, now: float) -> str:
+        if p and p.children:
+            c = next(iter(p.children.values()))
+            return (f"encrypted: Child SA {c.spi_in:08x}/{c.spi_out:08x} ({c.mode.value}), "
+                    f"{p.auth}, up {now - p.up_since:.0f}s")
+        if s is not None:
+            what = {"pass": "sent in the clear", "drop": "dropped", "hold": "held"}[s.kind.value]
+            return (f"packets are {what} ({s.reason}{': ' + s.detail if s.detail else ''}) for "
+                    f"{max(0.0, s.expires - now):.0f}s more")
+        if p and p.state is PeerState.RESPONDING:
+            return "the peer is negotiating with us"
+        if g is None:
+            return "no IPsec: not covered by any group"
+        return {"clear": "always in the clear (pass policy)",
+                "clear-or-private": "clear until the peer initiates IKE",
+                "private-or-clear": "trapped: the next packet starts a negotiation",
+                "private": "trapped: the next packet starts a negotiation",
+                "block": "blocked both ways"}[g.group]
+
+    def metrics_text(self, now: float) -> str:
+        lines = ["# HELP oe_agent_peers Peers by lifecycle state.", "# TYPE oe_agent_peers gauge"]
+        st = self.status(now)
+        for k, v in st["peers"].items():
+            lines.append(f'oe_agent_peers{{state="{k}"}} {v}')
+        lines += ["# HELP oe_agent_child_sas Installed Child SA pairs.", "# TYPE oe_agent_child_sas gauge",
+                  f"oe_agent_child_sas {st['sas']}",
+                  "# HELP oe_agent_shunts Shunts by kind and reason.", "# TYPE oe_agent_shunts gauge"]
+        by = collections.Counter((s.kind.value, s.reason) for s in self.shunts.all())
+        for (k, r), v in sorted(by.items()):
+            lines.append(f'oe_agent_shunts{{kind="{k}",reason="{r}"}} {v}')
+        lines += ["# HELP oe_agent_policies Group policies installed.", "# TYPE oe_agent_policies gauge",
+                  f"oe_agent_policies {st['policies']}",
+                  "# HELP oe_agent_events_total Events handled, by kind.",
+                  "# TYPE oe_agent_events_total counter"]
+        for k, v in sorted(self.metrics.items()):
+            lines.append(f'oe_agent_events_total{{kind="{k}"}} {v}')
+        lines += ["# HELP oe_agent_uptime_seconds Seconds since start.",
+                  "# TYPE oe_agent_uptime_seconds gauge", f"oe_agent_uptime_seconds {st['uptime']}"]
+        return "\n".join(lines) + "\n"
+
+
+Agent._HANDLERS = {
+    Acquire: Agent._on_acquire, SaExpire: Agent._on_sa_expire, PolicyExpire: Agent._on_policy_expire,
+    IkeRequest: Agent._on_ike_request, KeyNeeded: Agent._on_key_needed, ChildUp: Agent._on_child_up,
+    ChildRekeyed: Agent._on_child_rekeyed, ChildGone: Agent._on_child_gone, Failed: Agent._on_failed,
+    DnsAnswer: Agent._on_dns,
+}
+
+_SHUNT_REASONS = {sh.NO_KEY, sh.SILENT, sh.REFUSED, sh.BOGUS, sh.INSECURE, sh.INTERNAL}
+
+_GROUP_WORDS = {
+    "clear": "clear: never encrypted, no IKE",
+    "clear-or-private": "clear-or-private: clear unless the peer initiates IKE (we answer)",
+    "private-or-clear": "private-or-clear: we initiate; clear if that fails",
+    "private": "private: we initiate; dropped if that fails",
+    "block": "block: dropped both ways",
+}
+_DNS_WORDS = {
+    "secure-key": "DNSSEC-validated key",
+    "secure-denial": "DNSSEC-proven: no key published",
+    "insecure": "unsigned answer: a key only good against passive observers",
+    "bogus": "DNSSEC validation FAILED (possible attack)",
+    "timeout": "no answer from the resolvers",
+}
+
+
+@dataclass(frozen=True)
+class _NoResolver:
+    """The answer when no resolver is configured or the lookup raised."""
+    status: str = "timeout"
+    keys: tuple = ()
+    ttl: int = 0
+    reason: str = "no resolver configured"
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        return False
+
+
+def load_public_key(text_or_path: str):
+    """A static peer's key: IPSECKEY text ("10 0 4 . BASE64") or a PEM file."""
+    from cryptography.hazmat.primitives import serialization
+
+    if text_or_path[:1].isdigit():
+        from oe_agent.dns.ipseckey import parse_text
+
+        try:
+            return parse_text(text_or_path).public_key
+        except Exception as e:
+            raise UserError(f"static peer key {text_or_path[:30]!r}...: {e}") from None
+    try:
+        data = open(text_or_path, "rb").read()
+        return serialization.load_pem_public_key(data)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{text_or_path}: cannot load public key: {e}") from None

@@ -1,0 +1,429 @@
+"""The core's decisions with a fake dataplane, a recording IKE link and a fake resolver.
+
+Time is a fixed clock moved by hand; queued inputs are drained explicitly (`settle`).
+"""
+import asyncio
+import ipaddress
+
+import pytest
+
+from oe_agent.agent.core import (UNAUTHENTICATED, ChildGone, ChildRekeyed, ChildUp, Failed,
+                                 IkeRequest, KeyNeeded)
+from oe_agent.agent.peer import PeerState
+from oe_agent.errors import UserError
+from oe_agent.model import Acquire, PolicyExpire, SaExpire
+from tests.unit.test_agent_fakes import LOCAL, LOCAL6, Answer, a_key, child, make_agent
+
+POC = ipaddress.ip_address("192.0.2.7")          # private-or-clear
+PRIV = ipaddress.ip_address("198.51.100.7")      # private
+COP = ipaddress.ip_address("203.0.113.7")        # clear-or-private
+CLEAR = ipaddress.ip_address("203.0.113.130")
+BLOCK = ipaddress.ip_address("203.0.113.200")
+POC6 = ipaddress.ip_address("2001:db8::7")
+
+
+def rev(a):
+    return str(a)
+
+
+async def settle(agent):
+    """Let lookup tasks finish and handle everything they posted."""
+    for _ in range(20):
+        await asyncio.sleep(0)
+        while not agent.queue.empty():
+            item = agent.queue.get_nowait()
+            if item is not None:
+                await agent.handle(item)
+
+
+async def started(*a, **kw):
+    agent, dp, ike, res, clock, box = make_agent(*a, **kw)
+    await agent.start()
+    return agent, dp, ike, res, clock, box
+
+
+async def acquire(agent, dst, src=None):
+    dst = ipaddress.ip_address(dst)
+    await agent.handle(Acquire(src=src or (LOCAL6 if dst.version == 6 else LOCAL), dst=dst))
+
+
+async def test_start_installs_group_state_with_exemptions():
+    agent, dp, *_ = await started()
+    net = ipaddress.ip_network
+    assert dp.policies[(net("192.0.2.0/24"), 0, 0)] == "trap"
+    assert dp.policies[(net("198.51.100.0/25"), 0, 0)] == "trap"
+    assert dp.policies[(net("203.0.113.128/26"), 0, 0)] == "pass"
+    assert dp.policies[(net("203.0.113.192/26"), 0, 0)] == "block"
+    assert (net("203.0.113.0/25"), 0, 0) not in dp.policies  # clear-or-private: no state
+    assert dp.policies[(net("192.0.2.1/32"), 0, 0)] == "pass"  # own address never trapped
+    assert dp.policies[(net("2001:db8::1/128"), 0, 0)] == "pass"
+
+
+async def test_initiator_dns_in_parallel_then_keys_then_install():
+    key = a_key()
+    agent, dp, ike, res, clock, _ = await started(answers={rev(POC): Answer("secure-key", (key,))})
+    res.gate.clear()  # DNS is slow: IKE_SA_INIT must not wait for it
+    await acquire(agent, POC)
+    await asyncio.sleep(0)
+    assert ike.of("initiate") == [("initiate", POC, 1, pytest.approx(ike.of("initiate")[0][3]), False)]
+    assert res.asked == [str(POC)]
+    assert dp.shunts[(LOCAL, POC)][0] == "hold"
+    assert agent.peers[POC].state is PeerState.NEGOTIATING
+    await agent.handle(KeyNeeded(POC, ike_id=1))
+    assert ike.of("keys") == []  # not before the answer
+    res.gate.set()
+    await settle(agent)
+    assert ike.of("keys") == [("keys", POC, 1, [key.public_key])]
+    await agent.handle(ChildUp(POC, child(POC), ike_id=1))
+    assert agent.peers[POC].state is PeerState.UP
+    assert (LOCAL, POC) not in dp.shunts and set(dp.sas) == {0x100}
+    assert dp.sas[0x100].reqid != 0  # from the agent's band
+    assert "authenticated (DNSSEC key)" in agent.explain(POC, clock())["now"]
+
+
+async def test_answer_before_key_needed_is_kept():
+    key = a_key()
+    agent, dp, ike, res, *_ = await started(answers={rev(POC): Answer("secure-key", (key,))})
+    await acquire(agent, POC)
+    await settle(agent)
+    await agent.handle(KeyNeeded(POC, ike_id=1))
+    assert ike.of("keys") == [("keys", POC, 1, [key.public_key])]
+
+
+@pytest.mark.parametrize("dst, kind", [(POC, "pass"), (PRIV, "drop")])
+async def test_no_key_published_long_shunt_then_exact_trap_restore(dst, kind):
+    agent, dp, ike, res, clock, _ = await started(answers={rev(dst): Answer("secure-denial", ttl=3600)})
+    before = dp.snapshot()
+    await acquire(agent, dst)
+    await agent.handle(KeyNeeded(dst, ike_id=1))
+    await settle(agent)
+    assert ike.of("abort") == [("abort", dst, 1, "no-key")]
+    assert ike.of("keys") == []
+    assert dp.shunts[(LOCAL, dst)][0] == kind
+    s = agent.shunts.get(dst)
+    assert s.reason == "no-key" and s.lifetime == 3600  # negative TTL is longer than 900
+    assert agent.peers[dst].state is PeerState.SHUNTED
+    clock.t += 3599
+    await agent.on_timers(clock())
+    assert agent.peers[dst].state is PeerState.SHUNTED
+    clock.t += 1
+    await agent.on_timers(clock())
+    assert agent.peers[dst].state is PeerState.TRAP
+    assert dp.snapshot() == before  # expiry restores the trap exactly
+    assert "expired" in " ".join(e["event"] for e in agent.explain(dst, clock())["history"])
+
+
+async def test_silent_peer_backs_off():
+    agent, dp, ike, res, clock, _ = await started(answers={rev(POC): Answer("secure-key", (a_key(),))})
+    lifetimes = []
+    for n in range(3):
+        await acquire(agent, POC)
+        await settle(agent)
+        ike_id = ike.of("initiate")[-1][2]
+        await agent.handle(Failed(POC, "timeout", ike_id=ike_id))
+        s = agent.shunts.get(POC)
+        lifetimes.append(s.lifetime)
+        assert s.reason == "silent" and dp.shunts[(LOCAL, POC)][0] == "pass"
+        clock.t += s.lifetime
+        await agent.on_timers(clock())
+    assert lifetimes == [10, 20, 40]
+
+
+@pytest.mark.parametrize("reason", ["no-proposal", "ts-unacceptable", "auth-failed"])
+async def test_refused_is_normal_lifetime(reason):
+    agent, dp, ike, res, clock, _ = await started(answers={rev(PRIV): Answer("secure-key", (a_key(),))})
+    await acquire(agent, PRIV)
+    await agent.handle(Failed(PRIV, reason, ike_id=1))
+    s = agent.shunts.get(PRIV)
+    assert (s.reason, s.lifetime, s.kind.value) == ("refused", 300, "drop")
+
+
+async def test_bogus_drops_even_for_private_or_clear(caplog):
+    agent, dp, ike, res, clock, _ = await started(answers={rev(POC): Answer("bogus", reason="RRSIG expired")})
+    await acquire(agent, POC)
+    await settle(agent)
+    s = agent.shunts.get(POC)
+    assert (s.kind.value, s.reason, s.lifetime) == ("drop", "bogus", 60)
+    assert dp.shunts[(LOCAL, POC)][0] == "drop"
+    assert "possible attack" in caplog.text
+
+
+async def test_insecure_key_ok_for_poc_marked_unauthenticated_but_not_for_private():
+    k = a_key()
+    agent, dp, ike, res, clock, _ = await started(
+        answers={rev(POC): Answer("insecure", (k,)), rev(PRIV): Answer("insecure", (k,))})
+    for dst in (POC, PRIV):
+        await acquire(agent, dst)
+        await agent.handle(KeyNeeded(dst, ike_id=ike.of("initiate")[-1][2]))
+        await settle(agent)
+    assert [c[1] for c in ike.of("keys")] == [POC]
+    await agent.handle(ChildUp(POC, child(POC), ike_id=1))
+    assert "unauthenticated (key from unsigned DNS)" in agent.explain(POC, clock())["now"]
+    s = agent.shunts.get(PRIV)
+    assert (s.kind.value, s.reason) == ("drop", "insecure")
+
+
+async def test_auth_null_where_configured_never_for_private():
+    agent, dp, ike, res, clock, _ = await started(
+        "[ike]\nauth_null = true\n",
+        answers={rev(POC): Answer("secure-denial"), rev(PRIV): Answer("secure-denial")})
+    await acquire(agent, POC)
+    await acquire(agent, PRIV)
+    assert [(c[1], c[4]) for c in ike.of("initiate")] == [(POC, True), (PRIV, False)]
+    await agent.handle(KeyNeeded(POC, ike_id=1))
+    await agent.handle(KeyNeeded(PRIV, ike_id=2))
+    await settle(agent)
+    assert ike.of("keys") == [("keys", POC, 1, UNAUTHENTICATED)]
+    assert agent.shunts.get(PRIV).reason == "no-key"
+    await agent.handle(ChildUp(POC, child(POC), ike_id=1, auth="null"))
+    assert "AUTH_NULL" in agent.explain(POC, clock())["now"]
+
+
+@pytest.mark.parametrize("dst, expect", [(COP, True), (POC, True), (PRIV, True), (CLEAR, False),
+                                         (BLOCK, False), (ipaddress.ip_address("198.51.100.200"), False)])
+async def test_responder_answers_only_where_the_group_says(dst, expect):
+    agent, *_ = await started()
+    assert agent.may_respond(dst) is expect
+
+
+async def test_responder_looks_up_key_and_installs():
+    key = a_key()
+    agent, dp, ike, res, clock, _ = await started(answers={rev(COP): Answer("secure-key", (key,))})
+    await agent.handle(IkeRequest(COP, LOCAL, ike_id="r1"))
+    assert agent.peers[COP].state is PeerState.RESPONDING
+    await agent.handle(KeyNeeded(COP, ike_id="r1"))
+    await settle(agent)
+    assert ike.of("keys") == [("keys", COP, "r1", [key.public_key])]
+    await agent.handle(ChildUp(COP, child(COP), ike_id="r1"))
+    assert agent.peers[COP].state is PeerState.UP and set(dp.sas) == {0x100}
+    assert dp.shunts == {}
+
+
+async def test_responder_for_a_group_that_does_not_answer_aborts():
+    agent, dp, ike, *_ = await started()
+    await agent.handle(IkeRequest(CLEAR, LOCAL, ike_id="r1"))
+    assert ike.of("abort") == [("abort", CLEAR, "r1", "group does not answer")]
+    assert agent.peers[CLEAR].state is PeerState.TRAP
+
+
+async def test_incoming_sa_replaces_pending_pass_shunt():
+    agent, dp, ike, res, clock, _ = await started(answers={rev(POC): Answer("secure-key", (a_key(),))})
+    await acquire(agent, POC)
+    await agent.handle(Failed(POC, "timeout", ike_id=1))
+    assert dp.shunts[(LOCAL, POC)][0] == "pass"
+    await agent.handle(IkeRequest(POC, LOCAL, ike_id="r"))
+    await agent.handle(ChildUp(POC, child(POC), ike_id="r"))
+    assert agent.peers[POC].state is PeerState.UP
+    assert dp.shunts == {} and POC not in agent.shunts
+
+
+async def test_mutual_initiation_ends_in_one_sa_pair():
+    agent, dp, ike, res, clock, _ = await started(answers={rev(POC): Answer("secure-key", (a_key(),))})
+    await acquire(agent, POC)                                  # our IKE SA 1
+    await agent.handle(IkeRequest(POC, LOCAL, ike_id="theirs"))  # theirs crosses it
+    await settle(agent)
+    # the engine's tie-break: ours loses, theirs completes
+    await agent.handle(Failed(POC, "internal", ike_id=1, detail="lost simultaneous-init tie-break"))
+    assert agent.peers[POC].state is PeerState.NEGOTIATING and agent.shunts.get(POC).reason == "negotiating"
+    await agent.handle(ChildUp(POC, child(POC), ike_id="theirs"))
+    assert agent.peers[POC].state is PeerState.UP and len(dp.sas) == 1 and dp.shunts == {}
+
+
+async def test_acquire_while_the_peer_negotiates_joins_it():
+    agent, dp, ike, res, clock, _ = await started(answers={rev(POC): Answer("secure-key", (a_key(),))})
+    await agent.handle(IkeRequest(POC, LOCAL, ike_id="theirs"))
+    await acquire(agent, POC)
+    assert ike.of("initiate") == [] and dp.shunts[(LOCAL, POC)][0] == "hold"
+    await agent.handle(ChildUp(POC, child(POC), ike_id="theirs"))
+    assert dp.shunts == {} and agent.peers[POC].state is PeerState.UP
+
+
+async def up(agent, dst, spi=0x100):
+    await acquire(agent, dst)
+    await settle(agent)
+    ike_id = agent.ike.of("initiate")[-1][2]
+    await agent.handle(ChildUp(dst, child(dst, spi, spi + 1), ike_id=ike_id))
+    assert agent.peers[dst].state is PeerState.UP
+
+
+async def test_rekey_on_soft_expire_then_replace():
+    agent, dp, ike, res, clock, _ = await started(answers={rev(POC): Answer("secure-key", (a_key(),))})
+    await up(agent, POC)
+    await agent.handle(SaExpire(spi=0x100, dst=LOCAL, hard=False))
+    assert ike.of("rekey") == [("rekey", POC, 0x100)]
+    await agent.handle(ChildRekeyed(POC, child(POC, 0x300, 0x301), old_spi_in=0x100))
+    assert set(dp.sas) == {0x300} and set(agent.peers[POC].children) == {0x300}
+
+
+async def test_peer_dead_removes_sas_and_next_packet_renegotiates():
+    agent, dp, ike, res, clock, _ = await started(answers={rev(POC): Answer("secure-key", (a_key(),))})
+    await up(agent, POC)
+    await agent.handle(ChildGone(POC, None, reason="liveness: peer dead"))
+    assert dp.sas == {} and agent.peers[POC].state is PeerState.TRAP
+    await up(agent, POC, spi=0x500)  # restart detected: re-established on the next packet
+    assert set(dp.sas) == {0x500}
+
+
+async def test_peer_restart_new_ike_replaces_old_sa():
+    agent, dp, ike, res, clock, _ = await started(answers={rev(POC): Answer("secure-key", (a_key(),))})
+    await up(agent, POC)
+    await agent.handle(IkeRequest(POC, LOCAL, ike_id="new"))
+    await agent.handle(ChildUp(POC, child(POC, 0x700, 0x701), ike_id="new"))
+    assert set(dp.sas) == {0x700}
+
+
+async def test_hard_expire_of_last_sa_restores_trap():
+    agent, dp, ike, res, clock, _ = await started(answers={rev(POC): Answer("secure-key", (a_key(),))})
+    await up(agent, POC)
+    dp.sas.clear()  # the kernel removed it
+    await agent.handle(SaExpire(spi=0x100, dst=LOCAL, hard=True))
+    assert agent.peers[POC].state is PeerState.TRAP
+
+
+async def test_idle_teardown_counts_both_directions():
+    agent, dp, ike, res, clock, _ = await started("idle_timeout = 100\n",
+                                                  answers={rev(POC): Answer("secure-key", (a_key(),))})
+    await up(agent, POC)
+    clock.t += 100
+    await agent.on_timers(clock())          # first check records the counters
+    dp.bytes[0x100] += 500                  # inbound only
+    clock.t += 100
+    await agent.on_timers(clock())
+    assert agent.peers[POC].state is PeerState.UP
+    dp.bytes[0x101] += 500                  # outbound only
+    clock.t += 100
+    await agent.on_timers(clock())
+    assert agent.peers[POC].state is PeerState.UP
+    clock.t += 100
+    await agent.on_timers(clock())
+    assert agent.peers[POC].state is PeerState.TRAP
+    assert ike.of("delete") == [("delete", POC)] and dp.sas == {}
+
+
+async def test_negotiation_shunt_expiry_is_a_silent_failure():
+    agent, dp, ike, res, clock, _ = await started()
+    res.gate.clear()
+    await acquire(agent, POC)
+    clock.t += 30
+    await agent.on_timers(clock())
+    s = agent.shunts.get(POC)
+    assert s.reason == "silent" and agent.peers[POC].state is PeerState.SHUNTED
+    assert ("abort", POC, 1, "timeout") in ike.calls
+
+
+async def test_kernel_policy_expire_restores_trap():
+    agent, dp, ike, res, clock, _ = await started()
+    await acquire(agent, POC)
+    await agent.handle(Failed(POC, "no-proposal", ike_id=1))
+    await agent.handle(PolicyExpire(src=ipaddress.ip_network(LOCAL), dst=ipaddress.ip_network(POC),
+                                    index=1, hard=True))
+    assert agent.peers[POC].state is PeerState.TRAP and dp.shunts == {}
+
+
+async def test_acquires_for_groups_that_do_not_initiate_are_ignored():
+    agent, dp, ike, *_ = await started()
+    for dst in (COP, CLEAR, BLOCK, LOCAL, ipaddress.ip_address("198.51.100.200")):
+        await acquire(agent, dst)
+    assert ike.calls == [] and dp.shunts == {}
+
+
+async def test_stop_deletes_everything_or_keeps_sas():
+    agent, dp, ike, res, clock, _ = await started(answers={rev(POC): Answer("secure-key", (a_key(),))})
+    await up(agent, POC)
+    await acquire(agent, PRIV)
+    await agent.stop()
+    assert dp.sas == {} and dp.shunts == {} and dp.policies == {} and dp.stopped is False
+    assert ("delete", POC) in ike.calls
+
+    agent, dp, ike, res, clock, _ = await started("keep_sas_on_stop = true\n",
+                                                  answers={rev(POC): Answer("secure-key", (a_key(),))})
+    await up(agent, POC)
+    await agent.stop()
+    assert set(dp.sas) == {0x100} and dp.stopped is True and dp.policies
+
+
+async def test_reload_by_difference_keeps_allowed_sas():
+    new = {"private-or-clear": "192.0.2.0/25\n2001:db8::/64\n", "private": "198.51.100.0/25\n",
+           "clear": "192.0.2.128/25\n"}
+    agent, dp, ike, res, clock, box = await started(
+        answers={rev(POC): Answer("secure-key", (a_key(),)),
+                 "192.0.2.200": Answer("secure-key", (a_key(),))}, reload_texts=new)
+    await up(agent, POC)
+    await up(agent, ipaddress.ip_address("192.0.2.200"), spi=0x900)
+    before = dict(dp.policies)
+    out = await agent.reload()
+    net = ipaddress.ip_network
+    assert dp.policies[(net("192.0.2.0/25"), 0, 0)] == "trap"
+    assert dp.policies[(net("192.0.2.128/25"), 0, 0)] == "pass"
+    assert (net("192.0.2.0/24"), 0, 0) not in dp.policies
+    assert (net("203.0.113.192/26"), 0, 0) not in dp.policies  # block went away
+    assert dp.policies[(net("192.0.2.1/32"), 0, 0)] == "pass"  # own address still exempt
+    assert before != dp.policies and out["peers_changed"] == 1
+    assert agent.peers[POC].state is PeerState.UP and 0x100 in dp.sas      # still allowed: kept
+    assert agent.peers[ipaddress.ip_address("192.0.2.200")].state is PeerState.TRAP
+    assert 0x900 not in dp.sas                                              # now clear: deleted
+
+
+async def test_bad_reload_changes_nothing():
+    agent, dp, ike, res, clock, box = await started()
+    box["texts"] = {"private": "192.0.2.0/24\n", "clear": "192.0.2.0/24\n"}
+    before = dp.snapshot()
+    with pytest.raises(UserError, match="two groups"):
+        await agent.reload()
+    assert dp.snapshot() == before
+
+
+async def test_explain_in_words():
+    agent, dp, ike, res, clock, _ = await started(answers={rev(PRIV): Answer("secure-denial", ttl=60)})
+    await acquire(agent, PRIV)
+    await settle(agent)
+    e = agent.explain(PRIV, clock())
+    assert e["group"]["name"] == "private" and e["group"]["source"] == "pol/private:1"
+    assert e["dns"]["status"] == "secure-denial" and "no key published" in e["dns"]["words"]
+    assert e["shunt"]["kind"] == "drop" and e["shunt"]["reason"] == "no-key"
+    assert e["now"].startswith("packets are dropped (no-key")
+    assert [h["event"].split(":")[0] for h in e["history"]][:2] == [
+        "acquire 192.0.2.1 -> 198.51.100.7", "DNS 198.51.100.7"]
+    e = agent.explain(CLEAR, clock())
+    assert e["state"] == "trap" and e["now"] == "always in the clear (pass policy)"
+
+
+async def test_ipv6_initiator():
+    agent, dp, ike, res, clock, _ = await started(answers={rev(POC6): Answer("secure-key", (a_key(),))})
+    await up(agent, POC6)
+    assert dp.sas[0x100].remote == POC6 and dp.sas[0x100].local == LOCAL6
+
+
+async def test_static_peer_start_now_and_trap(tmp_path):
+    key = a_key()
+    from oe_agent.dns.ipseckey import rdata_text
+    text = rdata_text(10, key.public_key)
+    agent, dp, ike, res, clock, _ = await started(
+        f'[[peer]]\naddress = "203.0.113.60"\npublic_key = "{text}"\nmode = "tunnel"\nstart = "now"\n'
+        f'[[peer]]\naddress = "203.0.113.61"\nauth = "psk"\npsk = "s3cret"\nstart = "trap"\n')
+    s60, s61 = ipaddress.ip_address("203.0.113.60"), ipaddress.ip_address("203.0.113.61")
+    (call,) = ike.of("initiate")
+    assert call[1] == s60 and call[3].value == "tunnel" and res.asked == []
+    await agent.handle(KeyNeeded(s60, ike_id=1))
+    (keys,) = ike.of("keys")
+    assert keys[3][0].public_bytes_raw() == key.public_key.public_bytes_raw()
+    assert dp.policies[(ipaddress.ip_network(s61), 0, 0)] == "trap"
+    assert agent.may_respond(s61)
+
+
+async def test_run_loop_handles_posts_and_control_requests():
+    agent, dp, ike, res, clock, _ = make_agent(answers={rev(POC): Answer("secure-key", (a_key(),))})
+    await agent.start()
+    task = asyncio.create_task(agent.run())
+    dp._events.put_nowait(Acquire(src=LOCAL, dst=POC))
+    st = None
+    for _ in range(100):
+        st = await agent.request("status")
+        if st["peers"]["negotiating"] == 1:
+            break
+        await asyncio.sleep(0.01)
+    assert st["peers"]["negotiating"] == 1
+    with pytest.raises(UserError, match="unknown request"):
+        await agent.request("nope")
+    await agent.stop()
+    await asyncio.wait_for(task, 5)
