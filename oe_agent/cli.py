@@ -13,7 +13,9 @@ from oe_agent import __version__
 from oe_agent.errors import UserError
 
 # Modules that contribute verbs, in the order `--help` lists them.
-COMMANDS: list[str] = []
+COMMANDS: list[str] = [
+    "oe_agent.dns.tools",
+]
 
 
 class _Parser(argparse.ArgumentParser):
