@@ -28,6 +28,11 @@ import dns.update
 from oe_agent.dns import transport
 
 
+_TSIG_ALGORITHMS = {"hmac-sha256": dns.tsig.HMAC_SHA256, "hmac-sha384": dns.tsig.HMAC_SHA384,
+                    "hmac-sha512": dns.tsig.HMAC_SHA512, "hmac-sha224": dns.tsig.HMAC_SHA224,
+                    "hmac-sha1": dns.tsig.HMAC_SHA1}
+
+
 class PublishError(Exception):
     """The update was refused or could not be sent; the message says which."""
 
@@ -66,11 +71,11 @@ class TsigKey:
             raw = base64.b64decode(secret, validate=True)
         except ValueError:
             raise ValueError(f"TSIG key {name}: secret is not base64") from None
-        try:
-            alg = dns.tsig.get_algorithm(dns.name.from_text(algorithm.lower()))
-        except Exception:
-            raise ValueError(f"TSIG key {name}: unknown algorithm {algorithm}") from None
-        return cls(dns.name.from_text(name), raw, dns.name.from_text(alg.name))
+        alg = _TSIG_ALGORITHMS.get(algorithm.lower().rstrip("."))
+        if alg is None:
+            raise ValueError(f"TSIG key {name}: unknown algorithm {algorithm} "
+                             f"(want one of {', '.join(_TSIG_ALGORITHMS)})")
+        return cls(dns.name.from_text(name), raw, alg)
 
     @classmethod
     def from_file(cls, path) -> "TsigKey":
