@@ -103,6 +103,7 @@ class RawEsp:
         for fam in (socket.AF_INET, socket.AF_INET6):
             s = socket.socket(fam, socket.SOCK_RAW, socket.IPPROTO_ESP)
             s.setsockopt(socket.SOL_SOCKET, SO_MARK, self.mark)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
             s.setblocking(False)
             self.socks[fam] = s
             handler = self._strip_v4 if fam == socket.AF_INET else self.on_esp

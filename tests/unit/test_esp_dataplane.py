@@ -1,0 +1,290 @@
+"""UserspaceDataplane decisions without root: two dataplanes wired in memory (no TUN, no
+netlink); what the host would see on oe0 and on the wire is recorded."""
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+import struct
+
+import pytest
+
+from oe_agent.esp import packet
+from oe_agent.esp.dataplane import ACQUIRE_EXPIRES, UserspaceDataplane
+from oe_agent.esp.static import params_from_json, params_to_json
+from oe_agent.esp.udp import classify
+from oe_agent.errors import UserError
+from oe_agent.model import (Acquire, ChildSaParams, EspAlgorithm, Mode, PolicyExpire, SaExpire,
+                            ShuntKind)
+
+A, B, C = (ipaddress.ip_address(f"192.0.2.{n}") for n in (1, 2, 3))
+A6, B6 = ipaddress.ip_address("2001:db8::1"), ipaddress.ip_address("2001:db8::2")
+
+
+class FakeTun:
+    def __init__(self):
+        self.written: list[bytes] = []
+
+    def write(self, pkt):
+        self.written.append(pkt)
+
+
+class FakeSock:
+    def __init__(self):
+        self.sent: list[tuple[bytes, tuple]] = []
+
+    def sendto(self, data, addr):
+        self.sent.append((data, addr))
+
+
+class Clock:
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self):
+        return self.t
+
+
+def make_dp(clock, **kw) -> UserspaceDataplane:
+    dp = UserspaceDataplane(clock=clock, rng=lambda n: bytes(range(7, 7 + n)), **kw)
+    dp._tun = FakeTun()
+    dp._clear = {socket.AF_INET: FakeSock(), socket.AF_INET6: FakeSock()}
+    return dp
+
+
+def params(local, remote, spi_in, spi_out, key_in, key_out, **kw):
+    return ChildSaParams(local=local, remote=remote, spi_in=spi_in, spi_out=spi_out,
+                         mode=kw.pop("mode", Mode.TRANSPORT),
+                         alg=EspAlgorithm("aes-gcm-16", 128), encr_key_in=key_in,
+                         encr_key_out=key_out, encap=(4500, 4500), **kw)
+
+
+def sa_pair(a=A, b=B, **kw):
+    k1, k2 = bytes(range(20)), bytes(range(20, 40))
+    return (params(a, b, 0x1001, 0x2002, k1, k2, **kw), params(b, a, 0x2002, 0x1001, k2, k1, **kw))
+
+
+def udp(src, dst, payload=b"hello", df=True):
+    body = struct.pack("!HHHH", 1234, 5678, 8 + len(payload), 0) + payload
+    if src.version == 4:
+        return packet.build_ipv4(src, dst, packet.PROTO_UDP, body, df=df)
+    return packet.build_ipv6(src, dst, packet.PROTO_UDP, body)
+
+
+def events_now(dp) -> list:
+    out = []
+    while not dp._events.empty():
+        out.append(dp._events.get_nowait())
+    return out
+
+
+@pytest.fixture
+def wired():
+    """Dataplanes for A and B; A's ESP datagrams go to B and back."""
+    clock = Clock()
+    a, b = make_dp(clock), make_dp(clock)
+    wire: list[tuple[str, bytes, tuple]] = []
+    a.attach_udp(lambda d, addr: (wire.append(("a->b", d, addr)), b.esp_received(d, (str(A), 4500))))
+    b.attach_udp(lambda d, addr: (wire.append(("b->a", d, addr)), a.esp_received(d, (str(B), 4500))))
+    return clock, a, b, wire
+
+
+async def test_sa_carries_packets_both_ways(wired):
+    clock, a, b, wire = wired
+    pa, pb = sa_pair()
+    await a.add_child_sa(pa)
+    await b.add_child_sa(pb)
+    assert a._routes == {ipaddress.ip_network(f"{B}/32"): "oe0"}
+    pkt = udp(A, B, b"secret")
+    a.outbound(pkt, clock())
+    assert b._tun.written == [pkt]
+    assert wire[0][0] == "a->b" and wire[0][2] == (str(B), 4500) and b"secret" not in wire[0][1]
+    assert classify(wire[0][1]) == "esp"
+    b.outbound(udp(B, A, b"answer"), clock())
+    assert a._tun.written == [udp(B, A, b"answer")]
+    counters = {(c.spi, c.packets) for c in await a.counters()}
+    assert counters == {(0x1001, 1), (0x2002, 1)}
+    # a replayed datagram is refused and counted
+    b.esp_received(wire[0][1], (str(A), 4500))
+    assert len(b._tun.written) == 1 and b.stats["in-replay"] == 1
+    b.esp_received(b"\x00\x00\x99\x99" + bytes(40), (str(A), 4500))
+    assert b.stats["unknown-spi"] == 1
+
+
+async def test_trap_acquire_hold_release_on_sa(wired):
+    clock, a, b, wire = wired
+    await a.set_trap(ipaddress.ip_network("192.0.2.0/24"))
+    assert a._routes == {ipaddress.ip_network("192.0.2.0/24"): "oe0"}
+    first, second = udp(A, B, b"one"), udp(A, B, b"two")
+    a.outbound(first, clock())
+    a.outbound(second, clock())
+    evs = events_now(a)
+    assert evs == [Acquire(A, B, packet.PROTO_UDP, 1234, 5678, packet=first)]  # one acquire
+    assert wire == []
+    await a.set_shunt(A, B, ShuntKind.HOLD, 0)
+    a.outbound(udp(A, B, b"three"), clock())
+    pa, pb = sa_pair()
+    await b.add_child_sa(pb)
+    await a.add_child_sa(pa)  # releases the held packets through the new SA, in order
+    assert b._tun.written == [first, second, udp(A, B, b"three")]
+    assert events_now(a) == []
+
+
+async def test_hold_is_bounded(wired):
+    clock, a, _, _ = wired
+    a.hold_max = 4
+    await a.set_trap(ipaddress.ip_network("192.0.2.0/24"))
+    for i in range(10):
+        a.outbound(udp(A, B, bytes([i])), clock())
+    assert len(a._held[B].packets) == 4 and a.stats["hold-overflow"] == 6
+    assert a._held[B].packets[0] == udp(A, B, bytes([6]))  # the newest are kept
+
+
+async def test_failure_shunts_pass_releases_clear_drop_discards(wired):
+    clock, a, _, _ = wired
+    await a.set_trap(ipaddress.ip_network("192.0.2.0/24"))
+    a.outbound(udp(A, B), clock())
+    a.outbound(udp(A, C), clock())
+    assert [e.dst for e in events_now(a)] == [B, C]
+    await a.set_shunt(A, B, ShuntKind.PASS, 60)
+    assert a._clear[socket.AF_INET].sent == [(udp(A, B), (str(B), 0))]
+    assert a._routes[ipaddress.ip_network(f"{B}/32")] == "throw"  # a route exception
+    await a.set_shunt(A, C, ShuntKind.DROP, 60)
+    assert a.stats["shunt-drop"] == 1 and C not in a._held
+    a.outbound(udp(A, C), clock())
+    assert a.stats["shunt-drop"] == 2
+    # expiry restores the trap exactly and is reported
+    clock.t += 61
+    a.poll(clock())
+    evs = events_now(a)
+    assert PolicyExpire(ipaddress.ip_network(f"{A}/32"), ipaddress.ip_network(f"{B}/32"), 0,
+                        True) in evs and len(evs) == 2
+    while a._dirty:
+        await a._sync_route(a._dirty.pop())
+    assert ipaddress.ip_network(f"{B}/32") not in a._routes
+    a.outbound(udp(A, B), clock())
+    assert isinstance(events_now(a)[0], Acquire)
+
+
+async def test_acquire_repeats_after_larval_expiry(wired):
+    clock, a, _, _ = wired
+    await a.set_trap(ipaddress.ip_network("192.0.2.0/24"))
+    a.outbound(udp(A, B), clock())
+    clock.t += ACQUIRE_EXPIRES - 1
+    a.outbound(udp(A, B), clock())
+    assert len(events_now(a)) == 1
+    clock.t += 2
+    a.poll(clock())
+    assert B not in a._held  # nobody answered the acquire: the held packets are gone
+    a.outbound(udp(A, B), clock())
+    assert len(events_now(a)) == 1
+
+
+async def test_block_drops_and_pass_sends_clear(wired):
+    clock, a, _, _ = wired
+    await a.set_trap(ipaddress.ip_network("192.0.2.0/24"))
+    await a.set_block(ipaddress.ip_network(f"{C}/32"))
+    await a.set_pass(ipaddress.ip_network("192.0.2.0/24"), packet.PROTO_UDP, 53)
+    assert (ipaddress.ip_network("192.0.2.0/24"), 17, 53) in a._port_rules
+    a.outbound(udp(A, C), clock())
+    assert a.stats["blocked"] == 1 and events_now(a) == []
+    dns = packet.build_ipv4(A, B, 17, struct.pack("!HHHH", 999, 53, 8, 0))
+    a.outbound(dns, clock())
+    assert a._clear[socket.AF_INET].sent == [(dns, (str(B), 0))]
+    await a.remove_group_policy(ipaddress.ip_network(f"{C}/32"))
+    assert ipaddress.ip_network(f"{C}/32") not in a._routes
+    await a.set_pass(ipaddress.ip_network(f"{C}/32"))
+    assert a._routes[ipaddress.ip_network(f"{C}/32")] == "throw"
+
+
+async def test_too_big_with_df_gets_icmp_back(wired):
+    clock, a, b, wire = wired
+    pa, pb = sa_pair()
+    await a.add_child_sa(pa)
+    big = udp(A, B, bytes(1490))
+    a.outbound(big, clock())
+    assert wire == [] and a.stats["too-big"] == 1
+    icmp = a._tun.written[0]
+    info = packet.parse(icmp)
+    assert (info.src, info.dst, info.proto) == (B, A, packet.PROTO_ICMP)
+    assert icmp[20:22] == b"\x03\x04" and packet.checksum(icmp[20:]) == 0
+    mtu = struct.unpack_from("!H", icmp, 26)[0]
+    assert 1400 < mtu < 1500 and icmp[28:48] == big[:20]
+    a.outbound(udp(A, B, bytes(mtu - 28)), clock())  # what the ICMP allows does fit
+    assert len(wire) == 1 and len(wire[0][1]) + 28 <= 1500
+    a.outbound(udp(A, B, bytes(1490), df=False), clock())  # no DF: sent, the kernel fragments
+    assert len(wire) == 2
+
+
+async def test_too_big_ipv6_packet_too_big(wired):
+    clock, a, _, wire = wired
+    pa, _ = sa_pair(A6, B6, mode=Mode.TUNNEL)
+    await a.add_child_sa(pa)
+    a.outbound(udp(A6, B6, bytes(1450)), clock())
+    icmp = a._tun.written[0]
+    info = packet.parse(icmp)
+    assert (info.src, info.dst, info.proto, info.sport) == (B6, A6, packet.PROTO_ICMPV6, 2)
+    assert len(icmp) <= 1280
+
+
+async def test_rekey_new_sa_carries_traffic_old_still_received(wired):
+    clock, a, b, wire = wired
+    p_old = sa_pair()
+    await a.add_child_sa(p_old[0])
+    await b.add_child_sa(p_old[1])
+    k1, k2 = bytes(range(50, 70)), bytes(range(70, 90))
+    new_a = params(A, B, 0x3003, 0x4004, k1, k2)
+    new_b = params(B, A, 0x4004, 0x3003, k2, k1)
+    await b.add_child_sa(new_b)
+    await a.add_child_sa(new_a)
+    a.outbound(udp(A, B), clock())
+    assert wire[-1][1][:4] == struct.pack("!I", 0x4004)
+    await a.del_child_sa(p_old[0])
+    assert a._routes == {ipaddress.ip_network(f"{B}/32"): "oe0"}  # still wanted by the new SA
+    await a.del_child_sa(new_a)
+    assert a._routes == {}
+
+
+async def test_lifetime_events_reach_the_queue(wired):
+    clock, a, b, _ = wired
+    pa, pb = sa_pair(lifetime_soft_packets=1, lifetime_soft_s=5, lifetime_hard_s=10)
+    await a.add_child_sa(pa)
+    await b.add_child_sa(pb)
+    a.outbound(udp(A, B), clock())
+    assert events_now(a) == [SaExpire(0x2002, B, False)]
+    assert events_now(b) == [SaExpire(0x2002, B, False)]
+    assert a.poll(clock()) == 1005.0
+    clock.t += 10
+    a.poll(clock())
+    assert {(e.spi, e.hard) for e in events_now(a)} == {(0x1001, True), (0x2002, True)}
+
+
+async def test_static_json_round_trip_and_errors():
+    pa, _ = sa_pair(A6, B6, mode=Mode.TUNNEL)
+    assert params_from_json(params_to_json(pa)) == pa
+    with pytest.raises(UserError, match="unknown field"):
+        params_from_json({**params_to_json(pa), "colour": "red"})
+    with pytest.raises(UserError, match="bad or missing"):
+        params_from_json({k: v for k, v in params_to_json(pa).items() if k != "remote"})
+    with pytest.raises(UserError, match="underlay MTU"):
+        UserspaceDataplane(underlay_mtu=1300)
+    dp = make_dp(Clock())
+    with pytest.raises(UserError, match="key material"):
+        await dp.add_child_sa(ChildSaParams(**{**pa.__dict__, "encr_key_in": b"short"}))
+    with pytest.raises(UserError, match="raw ESP"):
+        await dp.add_child_sa(ChildSaParams(**{**pa.__dict__, "encap": None}))
+
+
+async def test_link_chatter_is_not_sent_anywhere(wired):
+    clock, a, _, _ = wired
+    a.outbound(udp(ipaddress.ip_address("fe80::1"), ipaddress.ip_address("ff02::2")), clock())
+    assert a.stats["not-routed"] == 1 and not a._clear[socket.AF_INET6].sent
+    a.outbound(b"\x45garbage", clock())
+    assert a.stats["malformed"] == 1
+
+
+def test_port_4500_split():
+    assert classify(b"\xff") == "keepalive"
+    assert classify(b"\0\0\0\0" + bytes(28)) == "ike"
+    assert classify(b"\x01\x02\x03\x04" + bytes(8)) == "esp"
+    assert classify(b"\x01\x02") == "invalid"
