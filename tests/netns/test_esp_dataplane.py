@@ -208,3 +208,26 @@ def test_ping_udp_tcp_over_userspace_esp(esp_pair):
             assert sa["in"]["packets"] > 0 and sa["out"]["packets"] > 0, stats
             assert not {"integrity", "replay"} & set(sa["in"]), stats
     assert s1["dataplane"].get("blocked", 0) >= 2, s1
+
+
+def test_trap_acquires_and_pass_is_a_route_exception(hosts):
+    """No SA: a packet to a trapped address is held and reported as an Acquire; a pass policy
+    inside the trapped range goes out in the clear without entering userspace."""
+    needs(have("tcpdump"), "tcpdump")
+    h1, h2 = hosts.pair()
+    h3 = hosts.add()
+    p1 = _start(h1, {"trap": ["192.0.2.0/24"], "pass": [f"{h3.v4}/32"]})
+    r = h1.run("ping", "-c", "1", "-W", "1", h2.v4, check=False, timeout=10)
+    assert r.returncode != 0  # held: nobody answers the acquire here
+    _wait_for(h1.workdir / "esp.log", f"dst=IPv4Address('{h2.v4}')".encode(), p1)
+    log = (h1.workdir / "esp.log").read_text()
+    assert "event Acquire(src=IPv4Address('192.0.2.1')" in log
+    h1.run("ping", "-c", "2", "-i", "0.2", "-W", "2", h3.v4, timeout=10)  # clear
+    routes = h1.run("ip", "route", "show", "table", "28517").stdout
+    assert f"throw {h3.v4}" in routes and "192.0.2.0/24 dev oe0" in routes
+    stats = _stop_and_stats(h1, p1)
+    assert stats["dataplane"].get("clear", 0) == 0  # the pass never went through userspace
+    # stopping removed every rule and route of the dataplane
+    assert h1.run("ip", "route", "show", "table", "28517").stdout == ""
+    assert "28517" not in h1.run("ip", "rule").stdout
+    assert "oe0" not in h1.run("ip", "link").stdout

@@ -8,6 +8,8 @@ import socket
 import struct
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from oe_agent.esp import packet
 from oe_agent.esp.dataplane import ACQUIRE_EXPIRES, UserspaceDataplane
@@ -288,3 +290,19 @@ def test_port_4500_split():
     assert classify(b"\0\0\0\0" + bytes(28)) == "ike"
     assert classify(b"\x01\x02\x03\x04" + bytes(8)) == "esp"
     assert classify(b"\x01\x02") == "invalid"
+
+
+_fuzz = {}
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.binary(max_size=200), known_spi=st.booleans())
+def test_arbitrary_datagrams_into_the_dataplane_never_raise(data, known_spi):
+    if not _fuzz:
+        dp = make_dp(Clock())
+        asyncio.run(dp.add_child_sa(sa_pair()[0]))
+        _fuzz["dp"] = dp
+    dp = _fuzz["dp"]
+    dp.esp_received((struct.pack("!I", 0x1001) if known_spi else b"") + data, (str(B), 4500))
+    dp.outbound(data, 0.0)
+    assert dp._tun.written == []
