@@ -687,7 +687,17 @@ class Agent:
         if verb == "status":
             return self.status(now)
         if verb == "sas":
-            return [self._sa_record(p, c, now) for p in self._sorted_peers() for c in p.children.values()]
+            counted = {c.spi: c for c in await self.dataplane.counters()}
+            out = []
+            for p in self._sorted_peers():
+                for c in p.children.values():
+                    r = self._sa_record(p, c, now)
+                    cin, cout = counted.get(c.spi_in), counted.get(c.spi_out)
+                    r.update(bytes_in=cin.bytes if cin else 0, packets_in=cin.packets if cin else 0,
+                             bytes_out=cout.bytes if cout else 0,
+                             packets_out=cout.packets if cout else 0)
+                    out.append(r)
+            return out
         if verb == "shunts":
             return [s.to_dict(now) for s in self.shunts.all()]
         if verb == "explain":
