@@ -16,6 +16,8 @@ from oe_agent.errors import UserError
 COMMANDS: list[str] = [
     "oe_agent.dns.tools",
     "oe_agent.ike.decrypt",
+    "oe_agent.daemon",
+    "oe_agent.control.client",
 ]
 
 
