@@ -31,6 +31,7 @@ REV6 = "8.b.d.0.1.0.0.2.ip6.arpa."
 CLASSLESS = "0-63.2.0.192.in-addr.arpa."  # RFC 2317 child of REV4
 UNSIGNED = "unsigned.oe.example."  # insecure delegation (NS, no DS)
 EXPIRED = "expired.oe.example."  # RRSIGs expired yesterday
+TAMPERED = "tampered.oe.example."  # a record changed after signing
 
 
 @dataclass
@@ -71,11 +72,11 @@ def zone_texts(k: TestKeys) -> dict[str, str]:
             gw IPSECKEY {_rd(10, k.p256, "192.0.2.9")}
             gw IPSECKEY {_rd(20, k.rsa2048, "2001:db8::9")}
             nokey A 192.0.2.77
-            tampered IPSECKEY {_rd(10, k.ed25519)}
             malformed IPSECKEY {_rd(10, k.ed25519)}
             """),
         UNSIGNED: head + f"host IPSECKEY {_rd(10, k.ed25519)}\n",
         EXPIRED: head + f"host IPSECKEY {_rd(10, k.ed25519)}\n",
+        TAMPERED: head + f"host IPSECKEY {_rd(10, k.ed25519)}\n",
         REV4: head + textwrap.dedent(f"""\
             1 IPSECKEY {_rd(10, k.ed25519)}
             1 PTR a.oe.example.
@@ -118,10 +119,10 @@ def build_zones(k: TestKeys) -> dict[dns.name.Name, dns.zone.Zone]:
 
 
 def make_server(k: TestKeys):
-    """The embedded server with every case; `tampered` changed after signing."""
+    """The embedded server with every case; host.tampered changed after signing."""
     from oe_agent.dns.server import AuthServer
     srv = AuthServer(build_zones(k), unsigned={UNSIGNED}, expired={EXPIRED})
-    srv.replace("tampered." + TOP, "IPSECKEY", 60, _rd(10, k.ed448))
+    srv.replace("host." + TAMPERED, "IPSECKEY", 60, _rd(10, k.ed448))
     return srv
 
 
@@ -140,7 +141,7 @@ def cases(k: TestKeys) -> dict[str, tuple[str, list]]:
         "nothere." + TOP: ("secure-denial", []),
         "host." + UNSIGNED: ("insecure", [pub(k.ed25519)]),
         "host." + EXPIRED: ("bogus", []),
-        "tampered." + TOP: ("bogus", []),
+        "host." + TAMPERED: ("bogus", []),
         "192.0.2.1": ("secure-key", [pub(k.ed25519)]),
         "192.0.2.5": ("secure-key", [pub(k.p256)]),  # via the RFC 2317 CNAME
         "192.0.2.6": ("secure-denial", []),

@@ -110,7 +110,7 @@ def test_lookup_verb_json(tmp_path, capsys):
             # the CLI runs its own event loop: run it in a thread
             return await asyncio.to_thread(main, [
                 "lookup", "--json", "--resolver", f"{host}@{port}", "--anchors", str(anchors),
-                "192.0.2.5", "tampered.oe.example"])
+                "192.0.2.5", "host.tampered.oe.example"])
         finally:
             await srv.close()
 
