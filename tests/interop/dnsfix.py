@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import os
+import subprocess
 import textwrap
 import threading
 import time
@@ -199,3 +200,211 @@ def wait_port(host, port: int, proto: str = "udp", timeout: float = 10) -> None:
     raise TimeoutError(f"nothing listens on {proto}/{port} in {host.name}")
 
 
+
+
+# --- knot (authoritative, auto-signing) and unbound (validating resolver) -------------------
+
+AUTO_SIGNED = (TOP, REV4, REV6)  # knot signs these itself; the rest are served pre-signed
+_DNSSEC_TYPES = {dns.rdatatype.RRSIG, dns.rdatatype.NSEC, dns.rdatatype.NSEC3,
+                 dns.rdatatype.DNSKEY, dns.rdatatype.NSEC3PARAM}
+
+
+def unsigned_text(zone: dns.zone.Zone) -> str:
+    """A zone's data without its DNSSEC records (DS of children stays: it is parent data)."""
+    lines = []
+    for name, node in sorted(zone.nodes.items()):
+        for rds in node:
+            if rds.rdtype not in _DNSSEC_TYPES:
+                lines.append(rds.to_text(name, relativize=False))
+    return "\n".join(lines) + "\n"
+
+
+class Knot:
+    """knotd in a test host with its own config, db and run dir under the test's tmp dir.
+
+    The zones are those of an AuthServer: AUTO_SIGNED ones are given to knot unsigned (knot
+    makes its keys and signs, ECDSA P-256 CSK, NSEC), the others as the AuthServer signed them
+    (with DNSSEC signing off in knot), their NS + DS already in the parent's data.
+    `tsig`: {key name: base64 secret}; each key may update IPSECKEY at its own name only.
+    """
+
+    def __init__(self, host, server, *, extra: dict[str, str] | None = None,
+                 tsig: dict[str, str] | None = None):
+        self.host = host
+        self.dir = host.workdir / "knot"
+        self.server = server
+        self.extra = extra or {}
+        self.tsig = tsig or {}
+        self.proc = None
+        self.anchors: list[str] = []
+
+    @property
+    def conf(self) -> Path:
+        return self.dir / "knot.conf"
+
+    def knotc(self, *args: str, check: bool = True):
+        return subprocess.run(["knotc", "-c", str(self.conf), *args], capture_output=True,
+                              text=True, check=check, timeout=30)
+
+    def _write(self) -> None:
+        for sub in ("zones", "db", "run"):
+            (self.dir / sub).mkdir(parents=True, exist_ok=True)
+        zone_lines = []
+        for origin, zone in self.server.zones.items():
+            o = origin.to_text()
+            auto = o in AUTO_SIGNED
+            text = unsigned_text(zone) if auto else self.server.zone_text(o)
+            text += self.extra.get(o, "")
+            (self.dir / "zones" / f"{o}zone").write_text(text)
+            zone_lines.append(f"  - domain: {o}\n    template: {'auto' if auto else 'presigned'}"
+                              + ("\n    acl: owner_update" if auto and self.tsig else ""))
+        keys = "".join(f"  - id: {n}\n    algorithm: hmac-sha256\n    secret: {s}\n"
+                       for n, s in self.tsig.items())
+        acl = (f"acl:\n  - id: owner_update\n    key: [{', '.join(self.tsig)}]\n"
+               "    action: update\n    update-owner: key\n    update-owner-match: equal\n"
+               "    update-type: [IPSECKEY]\n") if self.tsig else ""
+        d = self.dir
+        self.conf.write_text(textwrap.dedent(f"""\
+            server:
+                rundir: "{d}/run"
+                listen: [ "{self.host.v4}@53", "127.0.0.1@53" ]
+            database:
+                storage: "{d}/db"
+            log:
+              - target: "{d}/knotd.log"
+                any: info
+            """) + (f"key:\n{keys}" if keys else "") + acl + textwrap.dedent(f"""\
+            policy:
+              - id: test
+                algorithm: ecdsap256sha256
+                single-type-signing: on
+                dnskey-ttl: 60
+                zone-max-ttl: 60
+                propagation-delay: 0
+                ksk-lifetime: 0
+                zsk-lifetime: 0
+                rrsig-lifetime: 14d
+                rrsig-refresh: 7d
+                nsec3: off
+            template:
+              - id: default
+                storage: "{d}/zones"
+                file: "%s.zone"
+              - id: auto
+                storage: "{d}/zones"
+                file: "%s.zone"
+                dnssec-signing: on
+                dnssec-policy: test
+                zonefile-sync: -1
+                zonefile-load: difference-no-serial
+                journal-content: all
+              - id: presigned
+                storage: "{d}/zones"
+                file: "%s.zone"
+                zonefile-sync: -1
+            zone:
+            """) + "\n".join(zone_lines) + "\n")
+
+    def start(self) -> "Knot":
+        self._write()
+        self.proc = self.host.popen("knotd", "-c", str(self.conf), log="knotd.stdout")
+        deadline = time.monotonic() + 15
+        while not (self.dir / "run" / "knot.sock").exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("knotd did not start: "
+                                   + (self.host.workdir / "knotd.stdout").read_text()[-2000:])
+            time.sleep(0.1)
+        for o in AUTO_SIGNED:  # wait until knot has signed, then take its DS as trust anchor
+            while "re-sign" not in self.knotc("zone-status", o, check=False).stdout:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"knot did not sign {o}: "
+                                       + (self.dir / "knotd.log").read_text()[-2000:])
+                time.sleep(0.1)
+            ds = subprocess.run(["keymgr", "-c", str(self.conf), o, "ds"], capture_output=True,
+                                text=True, check=True).stdout
+            self.anchors += [ln for ln in ds.splitlines() if " DS " in ln]
+        wait_port(self.host, 53, "udp")
+        return self
+
+    def anchors_text(self) -> str:
+        return "\n".join(self.anchors) + "\n"
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.knotc("stop", check=False)
+            self.host.stop(self.proc)
+            self.proc = None
+
+
+class Unbound:
+    """A validating unbound on the host's loopback (`listen`), stubbing our zones to knot.
+
+    RFC 6303 / AS112 defaults make unbound answer 2.0.192.in-addr.arpa and
+    8.b.d.0.1.0.0.2.ip6.arpa itself, empty (interop pitfall 1): `nodefault` for those.
+    """
+
+    def __init__(self, host, anchors: str, stubs: dict[str, str], listen: str = "127.0.0.1",
+                 name: str = "unbound"):
+        self.host = host
+        self.dir = host.workdir / name
+        self.anchors = anchors
+        self.stubs = stubs
+        self.listen = listen
+        self.proc = None
+
+    def start(self) -> "Unbound":
+        self.dir.mkdir(parents=True, exist_ok=True)
+        ta = "".join(f'    trust-anchor: "{ln.strip()}"\n' for ln in self.anchors.splitlines()
+                     if ln.strip())
+        stubs = "".join(f'stub-zone:\n    name: "{z}"\n    stub-addr: {a}\n'
+                        for z, a in self.stubs.items())
+        d = self.dir
+        (d / "unbound.conf").write_text(textwrap.dedent(f"""\
+            server:
+                interface: {self.listen}
+                port: 53
+                access-control: 127.0.0.0/8 allow
+                chroot: ""
+                username: ""
+                directory: "{d}"
+                pidfile: "{d}/unbound.pid"
+                logfile: "{d}/unbound.log"
+                use-syslog: no
+                do-daemonize: no
+                verbosity: 1
+                val-log-level: 2
+                module-config: "validator iterator"
+                edns-buffer-size: 1232
+                qname-minimisation: no
+                ede: yes
+                do-ip6: no
+                unblock-lan-zones: yes
+                local-zone: "2.0.192.in-addr.arpa." nodefault
+                local-zone: "8.b.d.0.1.0.0.2.ip6.arpa." nodefault
+            """) + ta + "remote-control:\n    control-enable: no\n" + stubs)
+        self.proc = self.host.popen("unbound", "-d", "-c", str(d / "unbound.conf"),
+                                    log=f"{d.name}.stdout")
+        deadline = time.monotonic() + 10
+        while True:
+            out = self.host.run("ss", "-H", "-uln", f"src {self.listen}", "sport = :53",
+                                check=False).stdout
+            if out.strip():
+                return self
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("unbound did not start: "
+                                   + (self.host.workdir / f"{d.name}.stdout").read_text()[-2000:]
+                                   + (d / "unbound.log").read_text()[-2000:]
+                                   if (d / "unbound.log").exists() else "")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.host.stop(self.proc)
+            self.proc = None
+
+
+SILENT_SERVER = ("import socket, time\n"
+                 "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+                 "s.bind(('0.0.0.0', 53))\n"
+                 "print('listening', flush=True)\n"
+                 "time.sleep(3600)\n")
