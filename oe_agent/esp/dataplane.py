@@ -90,7 +90,7 @@ class UserspaceDataplane:
         self._timer: asyncio.Task | None = None
         # state
         self._sa_in: dict[int, ChildSa] = {}
-        self._sa_host: dict[IPAddress, list[ChildSa]] = {}  # single-address ts_remote
+        self._sa_host: dict[bytes, list[ChildSa]] = {}  # single-address ts_remote, packed
         self._sa_nets: list[ChildSa] = []  # wider ts_remote (tunnel mode gateways)
         self._policies: dict[tuple[IPNetwork, int, int], str] = {}
         self._shunts: dict[IPAddress, _Shunt] = {}
@@ -338,7 +338,7 @@ class UserspaceDataplane:
         for ts in sa.ts_remote:
             net = ts.network() if ts.start != ts.end else ipaddress.ip_network(ts.start)
             if ts.start == ts.end:
-                self._sa_host.setdefault(ts.start, []).append(sa)
+                self._sa_host.setdefault(ts.start.packed, []).append(sa)
             else:
                 self._sa_nets.append(sa)
             self._sa_routes[net] += 1
@@ -356,11 +356,11 @@ class UserspaceDataplane:
         for ts in sa.ts_remote:
             net = ts.network() if ts.start != ts.end else ipaddress.ip_network(ts.start)
             if ts.start == ts.end:
-                lst = self._sa_host.get(ts.start, [])
+                lst = self._sa_host.get(ts.start.packed, [])
                 if sa in lst:
                     lst.remove(sa)
                 if not lst:
-                    self._sa_host.pop(ts.start, None)
+                    self._sa_host.pop(ts.start.packed, None)
             elif sa in self._sa_nets:
                 self._sa_nets.remove(sa)
             self._sa_routes[net] -= 1
@@ -397,7 +397,7 @@ class UserspaceDataplane:
                 log.debug("send: %s", e)
 
     def _sa_for(self, info: packet.IpInfo) -> ChildSa | None:
-        lst = self._sa_host.get(info.dst)
+        lst = self._sa_host.get(info.dst_b)
         if lst:
             for sa in reversed(lst):  # newest first: after a rekey the new SA carries traffic
                 if sa.covers(info):
@@ -418,9 +418,10 @@ class UserspaceDataplane:
         if sa is not None:
             self._protect(sa, pkt, info, now)
             return
-        shunt = self._shunts.get(info.dst)
+        dst = info.dst
+        shunt = self._shunts.get(dst)
         if shunt is not None and shunt.expires is not None and shunt.expires <= now:
-            self._expire_shunt(info.dst, shunt)
+            self._expire_shunt(dst, shunt)
             shunt = None
         if shunt is not None:
             if shunt.kind is ShuntKind.PASS:
@@ -432,17 +433,17 @@ class UserspaceDataplane:
             return
         kind = self.policy_for(info)
         if kind == TRAP:
-            since = self._acquiring.get(info.dst)
+            since = self._acquiring.get(dst)
             if since is None or now - since >= ACQUIRE_EXPIRES:
-                self._acquiring[info.dst] = now
-                self._held.pop(info.dst, None)  # an old, abandoned hold is not released later
-                self._events.put_nowait(Acquire(info.src, info.dst, info.proto, info.sport,
+                self._acquiring[dst] = now
+                self._held.pop(dst, None)  # an old, abandoned hold is not released later
+                self._events.put_nowait(Acquire(info.src, dst, info.proto, info.sport,
                                                 info.dport, packet=pkt))
                 self._wake.set()
             self._hold(pkt, info, now)
         elif kind == BLOCK:
             self.stats["blocked"] += 1
-        elif info.dst.is_multicast or info.dst.is_link_local or info.dst.is_unspecified:
+        elif dst.is_multicast or dst.is_link_local or dst.is_unspecified:
             self.stats["not-routed"] += 1  # the host's own link chatter on oe0: nowhere to go
         else:  # pass, or a route this dataplane no longer wants: never swallow traffic
             self._send_clear(pkt, info)
@@ -467,9 +468,9 @@ class UserspaceDataplane:
             if self._udp_send is None:
                 self.stats["no-udp-socket"] += 1
                 return
-            self._udp_send(esp, (str(p.remote), p.encap[1]))
+            self._udp_send(esp, sa.peer)
         else:
-            self._raw.sendto(esp, (str(p.remote), 0))
+            self._raw.sendto(esp, sa.peer)
         if sa.outbound.events:
             self._drain(sa)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from oe_agent.model import IPAddress
 
@@ -29,19 +29,26 @@ class PacketError(ValueError):
     """Not an IP packet this dataplane can handle (truncated, wrong version, bad length)."""
 
 
-@dataclass(frozen=True, slots=True)
-class IpInfo:
+class IpInfo(NamedTuple):
     """Where a packet goes: enough to pick an SA, a shunt or a policy."""
 
     version: int
-    src: IPAddress
-    dst: IPAddress
+    src_b: bytes  # packed addresses: cheap to compare and to use as keys on the fast path
+    dst_b: bytes
     proto: int  # upper-layer protocol after IPv6 extension headers
     sport: int
     dport: int
     header_len: int  # bytes up to the upper-layer header
     fragment: bool  # a fragment (not a whole datagram)
     df: bool  # IPv4 Don't Fragment; always True for IPv6 (routers never fragment)
+
+    @property
+    def src(self) -> IPAddress:
+        return ipaddress.ip_address(self.src_b)
+
+    @property
+    def dst(self) -> IPAddress:
+        return ipaddress.ip_address(self.dst_b)
 
 
 def parse(pkt: bytes) -> IpInfo:
@@ -59,8 +66,7 @@ def parse(pkt: bytes) -> IpInfo:
         frag = (pkt[6] << 8) | pkt[7]
         fragment = bool(frag & 0x3FFF)
         proto = pkt[9]
-        src = ipaddress.IPv4Address(pkt[12:16])
-        dst = ipaddress.IPv4Address(pkt[16:20])
+        src, dst = pkt[12:16], pkt[16:20]
         sport = dport = 0
         if proto in _PORTED and not (frag & 0x1FFF) and total >= ihl + 4:
             sport, dport = struct.unpack_from("!HH", pkt, ihl)
@@ -84,8 +90,7 @@ def parse(pkt: bytes) -> IpInfo:
                 nh, off = pkt[off], off + 8
             else:
                 nh, off = pkt[off], off + (pkt[off + 1] + 1) * 8
-        src = ipaddress.IPv6Address(pkt[8:24])
-        dst = ipaddress.IPv6Address(pkt[24:40])
+        src, dst = pkt[8:24], pkt[24:40]
         sport = dport = 0
         if first and nh in _PORTED and end >= off + 4:
             sport, dport = struct.unpack_from("!HH", pkt, off)

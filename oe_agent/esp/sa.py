@@ -31,6 +31,7 @@ Rng = Callable[[int], bytes]
 REASONS = ("malformed", "integrity", "replay", "padding", "next-header", "policy", "expired",
            "sequence-exhausted", "dummy")
 
+_PADS = [bytes(range(1, n + 1)) for n in range(256)]  # RFC 4303 §2.4 default padding 1, 2, 3...
 ALGORITHMS = frozenset({"aes-gcm-16", "aes-cbc", "chacha20-poly1305"})
 
 
@@ -310,7 +311,7 @@ class EspSa:
         elif len(iv) != t.iv_len:
             raise ValueError(f"IV of {len(iv)} bytes, this transform takes {t.iv_len}")
         padlen = -(len(payload) + 2) % t.block
-        trailer = bytes(range(1, padlen + 1)) + bytes((padlen, next_header))
+        trailer = _PADS[padlen] + bytes((padlen, next_header))
         spi_seq = self._spi_bytes + struct.pack("!I", seq & 0xFFFFFFFF)
         seq_hi = struct.pack("!I", seq >> 32) if self.esn else None
         out = spi_seq + t.seal(spi_seq, seq_hi, iv, payload + trailer)
@@ -339,7 +340,7 @@ class EspSa:
         padlen, nh = plain[-2], plain[-1]
         if padlen + 2 > len(plain):
             raise self.refuse("padding", f"pad length {padlen} longer than the payload")
-        if plain[-2 - padlen:-2] != bytes(range(1, padlen + 1)):
+        if plain[-2 - padlen:-2] != _PADS[padlen]:
             raise self.refuse("padding", "pad bytes are not 1, 2, 3, ... (RFC 4303 §2.4)")
         if nh == packet.PROTO_NONE:
             raise self.refuse("dummy", "next header 59: a TFC dummy packet")
@@ -350,11 +351,20 @@ class EspSa:
 
 # --- the Child SA pair, with its mode ---------------------------------------------------------
 
-def _covers(tss: tuple[TrafficSelector, ...], addr: IPAddress, proto: int, port: int) -> bool:
-    for ts in tss:
-        if ts.start.version == addr.version and ts.start <= addr <= ts.end and (
-                ts.proto in (0, proto)) and (ts.port_start <= port <= ts.port_end or (
-                ts.port_start, ts.port_end) == (0, 65535)):
+Selector = tuple[int, int, int, int, int, int]  # address length, low, high, proto, ports
+
+
+def _selectors(tss: tuple[TrafficSelector, ...]) -> tuple[Selector, ...]:
+    """Traffic selectors as integers, so the per-packet check compares ints, not objects."""
+    return tuple((4 if ts.version == 4 else 16, int(ts.start), int(ts.end), ts.proto,
+                  ts.port_start, ts.port_end) for ts in tss)
+
+
+def _covers(sels: tuple[Selector, ...], addr: bytes, proto: int, port: int) -> bool:
+    a = int.from_bytes(addr, "big")
+    n = len(addr)
+    for alen, lo, hi, sproto, ps, pe in sels:
+        if alen == n and lo <= a <= hi and (sproto == 0 or sproto == proto) and ps <= port <= pe:
             return True
     return False
 
@@ -389,11 +399,15 @@ class ChildSa:
         self.tunnel = params.mode is Mode.TUNNEL
         self.ts_local = params.ts_local or (TrafficSelector.host(params.local),)
         self.ts_remote = params.ts_remote or (TrafficSelector.host(params.remote),)
+        # where a socket sends this SA's packets: (host, UDP port or 0 for raw ESP)
+        self.peer = (str(params.remote), params.encap[1] if params.encap else 0)
+        self._sel_local = _selectors(self.ts_local)
+        self._sel_remote = _selectors(self.ts_remote)
 
     def covers(self, info: packet.IpInfo) -> bool:
         """Does the outbound selector (ts_local -> ts_remote) take this packet?"""
-        return (_covers(self.ts_remote, info.dst, info.proto, info.dport)
-                and _covers(self.ts_local, info.src, info.proto, info.sport))
+        return (_covers(self._sel_remote, info.dst_b, info.proto, info.dport)
+                and _covers(self._sel_local, info.src_b, info.proto, info.sport))
 
     def overhead(self) -> int:
         """Bytes ESP adds to an inner packet at most (header, IV, padding, ICV)."""
@@ -425,8 +439,8 @@ class ChildSa:
                 raise sa.refuse("malformed", f"inner packet: {e}") from None
             if (info.version == 4) != (nh == packet.PROTO_IPIP):
                 raise sa.refuse("next-header", "next header does not match the inner version")
-            if not (_covers(self.ts_remote, info.src, info.proto, info.sport)
-                    and _covers(self.ts_local, info.dst, info.proto, info.dport)):
+            if not (_covers(self._sel_remote, info.src_b, info.proto, info.sport)
+                    and _covers(self._sel_local, info.dst_b, info.proto, info.dport)):
                 raise sa.refuse("policy", f"inner {info.src} -> {info.dst} outside the SA")
             return payload[:((payload[2] << 8) | payload[3]) if info.version == 4
                            else 40 + ((payload[4] << 8) | payload[5])]
