@@ -101,6 +101,7 @@ class UserspaceDataplane:
         self._port_rules: set[tuple[IPNetwork, int, int]] = set()
         self._dirty: set[IPNetwork] = set()  # routes to re-sync (shunt expiry in the data path)
         self.raw_esp = False
+        self._reassembler = packet.Reassembler()
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -450,8 +451,16 @@ class UserspaceDataplane:
 
     def _protect(self, sa: ChildSa, pkt: bytes, info: packet.IpInfo, now: float) -> None:
         p = sa.params
+        if info.fragment and not sa.tunnel:  # transport mode protects whole datagrams
+            whole = self._reassembler.add(pkt, info, now)
+            if whole is None:
+                return
+            pkt, info = whole, packet.parse(whole)
+            reassembled = True  # the host fragmented it: the outer packet is fragmented instead
+        else:
+            reassembled = False
         outer = (20 if p.remote.version == 4 else 40) + (8 if p.encap else 0)
-        if len(pkt) + sa.overhead() + outer > self.underlay_mtu:
+        if not reassembled and len(pkt) + sa.overhead() + outer > self.underlay_mtu:
             if info.df and not info.fragment:
                 room = self.underlay_mtu - outer - sa.overhead()
                 self.stats["too-big"] += 1

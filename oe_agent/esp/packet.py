@@ -165,3 +165,60 @@ def too_big(pkt: bytes, info: IpInfo, mtu: int, reporter: IPAddress) -> bytes:
     ck = checksum(_pseudo_v6(reporter, info.src, len(body), PROTO_ICMPV6) + body)
     body = body[:2] + struct.pack("!H", ck) + body[4:]
     return build_ipv6(reporter, info.src, PROTO_ICMPV6, body, hop_limit=255)
+
+
+class Reassembler:
+    """Rebuilds whole datagrams from IPv4/IPv6 fragments (RFC 791 §3.2, RFC 8200 §4.5), for
+    transport mode, which protects whole datagrams only (RFC 4303 §3.1.1): the host fragments
+    what exceeds oe0's MTU, ESP is applied to the reassembled datagram and the outer packet is
+    fragmented instead. Bounded: at most `max_datagrams` in progress, each for `timeout` s."""
+
+    def __init__(self, max_datagrams: int = 64, timeout: float = 30.0):
+        self.max_datagrams, self.timeout = max_datagrams, timeout
+        self._parts: dict[tuple, tuple[float, dict[int, bytes], list]] = {}
+        self.dropped = 0
+
+    def add(self, pkt: bytes, info: IpInfo, now: float) -> bytes | None:
+        """The whole datagram once its last missing fragment arrives, else None."""
+        if info.version == 4:
+            frag = (pkt[6] << 8) | pkt[7]
+            offset, more = (frag & 0x1FFF) * 8, bool(frag & 0x2000)
+            key = (info.src_b, info.dst_b, pkt[4:6], info.proto)
+            data = pkt[info.header_len:(pkt[2] << 8) | pkt[3]]
+        else:
+            fh = info.header_len - 8  # this reader puts the fragment header last
+            if pkt[6] != 44 or fh != 40:
+                self.dropped += 1  # extension headers around the fragment header: not ours
+                return None
+            fo = (pkt[fh + 2] << 8) | pkt[fh + 3]
+            offset, more = fo & 0xFFF8, bool(fo & 1)
+            key = (info.src_b, info.dst_b, pkt[fh + 4:fh + 8], info.proto)
+            data = pkt[info.header_len:40 + ((pkt[4] << 8) | pkt[5])]
+        for k in [k for k, v in self._parts.items() if now - v[0] > self.timeout]:
+            del self._parts[k]
+            self.dropped += 1
+        entry = self._parts.get(key)
+        if entry is None:
+            if len(self._parts) >= self.max_datagrams:
+                self.dropped += 1
+                return None
+            entry = self._parts[key] = (now, {}, [None])
+        _, parts, total = entry
+        parts[offset] = data
+        if not more:
+            total[0] = offset + len(data)
+        if total[0] is None or total[0] > 0xFFFF - 40:
+            return None
+        pos, chunks = 0, []
+        while pos < total[0]:
+            chunk = parts.get(pos)
+            if not chunk:
+                return None
+            chunks.append(chunk)
+            pos += len(chunk)
+        del self._parts[key]
+        payload = b"".join(chunks)[:total[0]]
+        if info.version == 4:
+            return build_ipv4(info.src, info.dst, info.proto, payload, ttl=pkt[8],
+                              ident=(pkt[4] << 8) | pkt[5], df=False)
+        return build_ipv6(info.src, info.dst, info.proto, payload, hop_limit=pkt[7])

@@ -306,3 +306,55 @@ def test_arbitrary_datagrams_into_the_dataplane_never_raise(data, known_spi):
     dp.esp_received((struct.pack("!I", 0x1001) if known_spi else b"") + data, (str(B), 4500))
     dp.outbound(data, 0.0)
     assert dp._tun.written == []
+
+
+def fragments(pkt: bytes, size: int) -> list[bytes]:
+    """The host's own fragmentation of `pkt` into pieces of `size` payload bytes (a multiple
+    of 8), IPv4 (RFC 791) or IPv6 with a fragment header (RFC 8200 §4.5)."""
+    info = packet.parse(pkt)
+    body = pkt[info.header_len:]
+    out = []
+    for off in range(0, len(body), size):
+        more = off + size < len(body)
+        piece = body[off:off + size]
+        if info.version == 4:
+            hdr = bytearray(pkt[:20])
+            hdr[2:4] = struct.pack("!H", 20 + len(piece))
+            hdr[4:6] = b"\x12\x34"
+            hdr[6:8] = struct.pack("!H", (off // 8) | (0x2000 if more else 0))
+            hdr[10:12] = b"\0\0"
+            hdr[10:12] = struct.pack("!H", packet.checksum(bytes(hdr)))
+            out.append(bytes(hdr) + piece)
+        else:
+            fh = struct.pack("!BBHI", info.proto, 0, off | (1 if more else 0), 0xABCD)
+            out.append(packet.build_ipv6(info.src, info.dst, 44, fh + piece))
+    return out
+
+
+@pytest.mark.parametrize("v", [4, 6])
+async def test_transport_mode_reassembles_the_hosts_fragments(wired, v):
+    clock, a, b, wire = wired
+    src, dst = (A, B) if v == 4 else (A6, B6)
+    pa, pb = sa_pair(src, dst)
+    await a.add_child_sa(pa)
+    await b.add_child_sa(pb)
+    whole = udp(src, dst, bytes(range(256)) * 12, df=False)
+    frags = fragments(whole, 1232)
+    assert len(frags) == 3
+    for f in reversed(frags):  # out of order, as may happen
+        a.outbound(f, clock())
+    assert len(wire) == 1  # one ESP packet carries the whole datagram
+    got = b._tun.written[0]
+    assert packet.parse(got)[1:4] == packet.parse(whole)[1:4]
+    assert got[packet.parse(got).header_len:] == whole[packet.parse(whole).header_len:]
+
+
+def test_reassembler_is_bounded():
+    r = packet.Reassembler(max_datagrams=2, timeout=5)
+    for n in range(3):
+        f = fragments(udp(A, ipaddress.ip_address(f"192.0.2.{10 + n}"), bytes(100)), 48)[0]
+        assert r.add(f, packet.parse(f), 0.0) is None
+    assert r.dropped == 1
+    f = fragments(udp(A, C, bytes(100)), 48)[0]
+    r.add(f, packet.parse(f), 10.0)  # the two stale ones time out
+    assert r.dropped == 3 and len(r._parts) == 1
