@@ -107,8 +107,10 @@ async def send_update(server: tuple[str, int], update: dns.update.UpdateMessage,
     """Send over TCP (updates may be large: RSA keys); PublishError unless NOERROR."""
     try:
         resp = await dns.asyncquery.tcp(update, server[0], timeout=timeout, port=server[1])
-    except dns.tsig.PeerError as exc:  # BADKEY / BADSIG from the server
-        raise PublishError(f"{server[0]} rejected the TSIG key: {exc}") from None
+    except dns.tsig.PeerError as exc:
+        # knot answers an update its ACL denies with NOTAUTH + TSIG error BADKEY
+        raise PublishError(f"{server[0]} refused the update: TSIG key {update.keyname} is "
+                           f"unknown there or not allowed to change this name ({exc})") from None
     except (dns.exception.DNSException, OSError) as exc:
         raise PublishError(f"update to {server[0]} failed: {type(exc).__name__} {exc}") from None
     rc = resp.rcode()

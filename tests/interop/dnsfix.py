@@ -162,8 +162,9 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 
 def run_in_netns(netns: str, coro_fn, *args, timeout: float = 120):
-    """Run `asyncio.run(coro_fn(*args))` in a thread that joined `netns` (setns(2) is per
-    thread), so sockets it opens live in that namespace. Returns the result or raises."""
+    """Run `asyncio.run(coro_fn(*args))` (or a plain `fn(*args)`) in a thread that joined
+    `netns` (setns(2) is per thread), so sockets it opens live in that namespace. Returns the
+    result or raises."""
     box: dict = {}
 
     def body():
@@ -174,7 +175,10 @@ def run_in_netns(netns: str, coro_fn, *args, timeout: float = 120):
         finally:
             os.close(fd)
         try:
-            box["result"] = asyncio.run(coro_fn(*args))
+            if asyncio.iscoroutinefunction(coro_fn):
+                box["result"] = asyncio.run(coro_fn(*args))
+            else:
+                box["result"] = coro_fn(*args)
         except BaseException as exc:  # handed to the caller's thread
             box["error"] = exc
 
