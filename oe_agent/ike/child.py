@@ -3,8 +3,7 @@ into model.ChildSaParams, and the small per-Child-SA state."""
 from __future__ import annotations
 
 import enum
-import ipaddress
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from oe_agent.ike.const import NotifyType
 from oe_agent.ike.crypto import Prf, child_keys
@@ -28,6 +27,7 @@ class ChildSa:
     ni: bytes
     nr: bytes
     state: ChildState = ChildState.INSTALLED
+    announced: bool = True  # reported to the driver (a redundant collision child never is)
 
     @property
     def spi_in(self) -> int:
@@ -95,11 +95,3 @@ def build_params(*, exchange_initiator: bool, local: IPAddress, remote: IPAddres
         encap=encap, esn=suite.esn, lifetime_soft_s=lifetime_s * 9 // 10 if lifetime_s else 0,
         lifetime_hard_s=lifetime_s)
 
-
-def moved(params: ChildSaParams, local: IPAddress, remote: IPAddress,
-          encap: tuple[int, int] | None) -> ChildSaParams:
-    return replace(params, local=local, remote=remote, encap=encap)
-
-
-def parse_address(a) -> IPAddress:
-    return ipaddress.ip_address(a)

@@ -70,7 +70,8 @@ class ChildSaEstablished(IkeEvent):
 
 @dataclass(frozen=True)
 class ChildSaRekeyed(IkeEvent):
-    """Install `new`, then remove `old` (RFC 7296 §2.8: both run until old is deleted)."""
+    """Install `new`; `old` keeps working until its ChildSaDeleted follows (RFC 7296 §2.8:
+    the Delete exchange of the old pair ends the rekey)."""
 
     old: ChildSaParams
     new: ChildSaParams

@@ -23,6 +23,7 @@ class IkeState(enum.Enum):
 
 class Input(enum.Enum):
     CONNECT = "connect"  # IkeSa.connect()
+    DELETE = "delete"  # IkeSa.delete()
     INIT_REQ = "IKE_SA_INIT request"
     INIT_RESP = "IKE_SA_INIT response"
     AUTH_REQ = "IKE_AUTH request"
@@ -44,6 +45,7 @@ TABLE: dict[tuple[IkeState, Input], tuple[str, IkeState]] = {
     (S.AUTH_SENT, I.AUTH_RESP): ("on_auth_response", S.ESTABLISHED),
     (S.KEYS_WAIT, I.KEYS): ("on_keys", S.ESTABLISHED),
     (S.KEYS_WAIT, I.AUTH_REQ): ("ignore", S.KEYS_WAIT),  # a retransmission while we wait
+    (S.ESTABLISHED, I.DELETE): ("send_delete", S.DELETING),
     (S.ESTABLISHED, I.CHILD_REQ): ("on_child_request", S.ESTABLISHED),
     (S.ESTABLISHED, I.CHILD_RESP): ("on_child_response", S.ESTABLISHED),
     (S.ESTABLISHED, I.INFO_REQ): ("on_info_request", S.ESTABLISHED),
