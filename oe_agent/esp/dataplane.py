@@ -351,9 +351,17 @@ class UserspaceDataplane:
         self._wake.set()
 
     async def del_child_sa(self, params: ChildSaParams) -> None:
-        sa = self._sa_in.pop(params.spi_in, None)
-        if sa is None:
+        sa = self._sa_in.get(params.spi_in)
+        if sa is not None:
+            self._remove_sa(sa)
+        while self._dirty:
+            await self._sync_route(self._dirty.pop())
+
+    def _remove_sa(self, sa: ChildSa) -> None:
+        """Forget `sa` now; its routes are re-synced by the caller or the timer loop."""
+        if self._sa_in.get(sa.params.spi_in) is not sa:
             return
+        del self._sa_in[sa.params.spi_in]
         for ts in sa.ts_remote:
             net = ts.network() if ts.start != ts.end else ipaddress.ip_network(ts.start)
             if ts.start == ts.end:
@@ -367,7 +375,8 @@ class UserspaceDataplane:
             self._sa_routes[net] -= 1
             if self._sa_routes[net] <= 0:
                 del self._sa_routes[net]
-            await self._sync_route(net)
+            self._dirty.add(net)
+        self._wake.set()
 
     def child_sa(self, spi_in: int) -> ChildSa | None:
         return self._sa_in.get(spi_in)
@@ -542,10 +551,15 @@ class UserspaceDataplane:
     # --- time --------------------------------------------------------------------------------
 
     def _drain(self, sa: ChildSa) -> None:
-        for ev in sa.inbound.events + sa.outbound.events:
-            self._events.put_nowait(ev)
+        """Queue the SA's expiry events; a hard expiry removes the pair at once, as the kernel
+        deletes a hard-expired state (the next packet then meets the trap again)."""
+        evs = sa.inbound.events + sa.outbound.events
         sa.inbound.events.clear()
         sa.outbound.events.clear()
+        for ev in evs:
+            self._events.put_nowait(ev)
+        if any(ev.hard for ev in evs):
+            self._remove_sa(sa)
 
     def _expire_shunt(self, remote: IPAddress, shunt: _Shunt) -> None:
         if self._shunts.get(remote) is shunt:
@@ -560,8 +574,8 @@ class UserspaceDataplane:
         next deadline."""
         nxt: list[float] = []
         for sa in list(self._sa_in.values()):
-            for ev in sa.poll(now):
-                self._events.put_nowait(ev)
+            sa.poll_into(now)
+            self._drain(sa)
             d = sa.next_deadline()
             if d is not None:
                 nxt.append(d)

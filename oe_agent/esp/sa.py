@@ -266,13 +266,17 @@ class EspSa:
 
     def poll(self, now: float) -> list[SaExpire]:
         """Fire time lifetimes due at `now`; return and clear all queued events."""
+        self.check_time(now)
+        out, self.events = self.events, []
+        return out
+
+    def check_time(self, now: float) -> None:
+        """Queue the time lifetime events due at `now` (in `events`)."""
         age = now - self.created
         if self.lifetime.hard_s and age >= self.lifetime.hard_s:
             self._expire(True)
         elif self.lifetime.soft_s and age >= self.lifetime.soft_s:
             self._expire(False)
-        out, self.events = self.events, []
-        return out
 
     def next_deadline(self) -> float | None:
         """When `poll` next has something to do (None: no time lifetime left)."""
@@ -453,6 +457,11 @@ class ChildSa:
 
     def poll(self, now: float) -> list[SaExpire]:
         return self.inbound.poll(now) + self.outbound.poll(now)
+
+    def poll_into(self, now: float) -> None:
+        """Queue due time lifetime events on each direction's `events` (not returned)."""
+        self.inbound.check_time(now)
+        self.outbound.check_time(now)
 
     def next_deadline(self) -> float | None:
         ds = [d for d in (self.inbound.next_deadline(), self.outbound.next_deadline()) if d]

@@ -259,6 +259,22 @@ async def test_lifetime_events_reach_the_queue(wired):
     clock.t += 10
     a.poll(clock())
     assert {(e.spi, e.hard) for e in events_now(a)} == {(0x1001, True), (0x2002, True)}
+    assert a.child_sa(0x1001) is None  # hard expiry removes the pair, as the kernel does
+    assert a._dirty == {ipaddress.ip_network(f"{B}/32")}
+
+
+async def test_hard_packet_limit_removes_sa_then_trap_acquires(wired):
+    clock, a, b, wire = wired
+    await a.set_trap(ipaddress.ip_network("192.0.2.0/24"))
+    pa, pb = sa_pair(lifetime_hard_packets=2)
+    await a.add_child_sa(pa)
+    await b.add_child_sa(pb)
+    a.outbound(udp(A, B), clock())
+    a.outbound(udp(A, B), clock())
+    assert len(wire) == 2
+    assert [e.hard for e in events_now(a)] == [True]
+    a.outbound(udp(A, B), clock())
+    assert len(wire) == 2 and isinstance(events_now(a)[0], Acquire)
 
 
 async def test_static_json_round_trip_and_errors():
