@@ -438,6 +438,14 @@ class xfrm_flushpolicy(_xfrma):
     fields = ()
 
 
+class xfrm_dump_request(_xfrma):
+    """A GETSA/GETPOLICY dump request: no body (the kernel parses attributes right after the
+    netlink header for dumps, so a struct there would be read as attributes)."""
+
+    __slots__ = ()
+    fields = ()
+
+
 # message type -> class, for decoding what the kernel sends (requests use the same classes)
 MSG_CLASSES: dict[int, type[nlmsg]] = {
     XFRM_MSG_NEWSA: xfrm_usersa_info,
