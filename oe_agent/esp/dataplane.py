@@ -102,12 +102,27 @@ class UserspaceDataplane:
         self._dirty: set[IPNetwork] = set()  # routes to re-sync (shunt expiry in the data path)
         self.raw_esp = False
         self._reassembler = packet.Reassembler()
+        self._rules_installed = False
 
     # --- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> Capabilities:
-        from pyroute2 import AsyncIPRoute  # only here: the sans-I/O parts never need it
+        """Create oe0, our rules and sockets; leftovers of a crashed run (our rules, our table)
+        are removed first. UserError, with nothing left behind, if any step fails."""
         self._loop = asyncio.get_running_loop()
+        try:
+            await self._start()
+        except (OSError, UserError, Exception) as e:
+            await self.stop()
+            if isinstance(e, UserError):
+                raise
+            raise UserError(f"userspace dataplane: cannot start: {e}") from None
+        return Capabilities(esp=True, algorithms=frozenset(ALGORITHMS),
+                            detail=f"userspace ESP over TUN {self._tun.name} (mtu {self.mtu}"
+                                   f"{', raw ESP' if self.raw_esp else ''}, ESP-in-UDP)")
+
+    async def _start(self) -> None:
+        from pyroute2 import AsyncIPRoute  # only here: the sans-I/O parts never need it
         self._tun = TunDevice(self.ifname)
         self._ipr = AsyncIPRoute()
         self._ifindex = (await self._ipr.link_lookup(ifname=self._tun.name))[0]
@@ -122,12 +137,16 @@ class UserspaceDataplane:
             except OSError as e:
                 log.warning("cannot set %s: %s", path, e)
         await self._ipr.link("set", index=self._ifindex, mtu=self.mtu, state="up")
+        await self._remove_rules()  # a crashed run's rules (ours by priority and table)
+        for fam in (socket.AF_INET, socket.AF_INET6):
+            await self._ipr.flush_routes(table=self.table, family=fam)
+        self._rules_installed = True
         await self._install_rules()
         for fam in (socket.AF_INET, socket.AF_INET6):
             s = socket.socket(fam, socket.SOCK_RAW, socket.IPPROTO_RAW)
+            self._clear[fam] = s
             s.setsockopt(socket.SOL_SOCKET, SO_MARK, self.mark)
             s.setblocking(False)
-            self._clear[fam] = s
         if self.want_raw_esp:
             try:
                 self._raw = RawEsp(self.esp_received, self.mark, self.batch)
@@ -135,16 +154,18 @@ class UserspaceDataplane:
                 self.raw_esp = True
             except OSError as e:
                 log.info("no raw ESP sockets (%s): ESP-in-UDP only", e)
+                self._raw.close(self._loop)
                 self._raw = None
         if self.own_udp and self._udp_send is None:
             self._udp = UdpEncap(self.esp_received, port=self.udp_port, batch=self.batch)
-            self._udp.open(self._loop)
+            try:
+                self._udp.open(self._loop)
+            except OSError as e:
+                raise UserError(f"cannot bind UDP port {self.udp_port} for ESP-in-UDP: "
+                                f"{e.strerror} (is an IKE daemon using it?)") from None
             self._udp_send = self._udp.sendto
         self._loop.add_reader(self._tun.fd, self._tun_readable)
         self._timer = asyncio.create_task(self._timer_loop())
-        return Capabilities(esp=True, algorithms=frozenset(ALGORITHMS),
-                            detail=f"userspace ESP over TUN {self._tun.name} (mtu {self.mtu}"
-                                   f"{', raw ESP' if self.raw_esp else ''}, ESP-in-UDP)")
 
     async def stop(self, keep_sas: bool = False) -> None:
         """Remove everything this dataplane made (SAs live in this process: they cannot be
@@ -153,7 +174,7 @@ class UserspaceDataplane:
             self._timer.cancel()
             self._timer = None
         loop = self._loop
-        if self._tun is not None and loop is not None:
+        if self._tun is not None and loop is not None and self._tun.fd >= 0:
             loop.remove_reader(self._tun.fd)
         if self._udp and loop:
             self._udp.close(loop)
@@ -167,7 +188,9 @@ class UserspaceDataplane:
                 await self._route_del(net)
             for key in list(self._port_rules):
                 await self._port_rule(key, add=False)
-            await self._remove_rules()
+            if self._rules_installed:
+                await self._remove_rules()
+                self._rules_installed = False
             self._ipr.close()
             self._ipr = None
         if self._tun is not None:

@@ -236,3 +236,23 @@ def test_trap_acquires_and_pass_is_a_route_exception(hosts):
     assert h1.run("ip", "route", "show", "table", "28517").stdout == ""
     assert "28517" not in h1.run("ip", "rule").stdout
     assert "oe0" not in h1.run("ip", "link").stdout
+
+
+def test_restart_after_crash_and_second_instance_refused(hosts):
+    """A killed dataplane leaves rules behind; the next start removes them. A second instance
+    beside a running one is refused with one clear line, and leaves the first one intact."""
+    import signal
+    (h1,) = [hosts.add()]
+    p1 = _start(h1, {"trap": ["198.51.100.0/24"]})
+    h1.stop(p1, sig=signal.SIGKILL)
+    assert "28517" in h1.run("ip", "rule").stdout  # the crash left its rules
+    p2 = _start(h1, {"trap": ["198.51.100.0/24"]})
+    rules = h1.run("ip", "rule").stdout
+    assert rules.count("lookup 28517") == 1, rules
+    second = h1.run(PY, "-m", "oe_agent.esp", str(h1.workdir / "esp.json"), check=False,
+                    cwd=str(Path(__file__).resolve().parents[2]), timeout=30)
+    assert second.returncode == 2 and "Traceback" not in second.stderr
+    assert "oe0" in second.stderr, second.stderr
+    assert h1.run("ip", "rule").stdout == rules  # the failed start removed nothing of p2's
+    _stop_and_stats(h1, p2)
+    assert "28517" not in h1.run("ip", "rule").stdout
