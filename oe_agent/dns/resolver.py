@@ -248,7 +248,7 @@ class KeyResolver:
             verdict, nttl = await v.denial(msg, cur, IPSECKEY)
             secure &= verdict == validate.SECURE
             return self._negative(msg, secure, min(ttl, nttl), chain, base,
-                                  "denial proven by NSEC/NSEC3" if secure else
+                                  f"denial proven by {v.last_proof}" if secure else
                                   self._insecure_reason(cur))
         raise validate.Bogus(f"CNAME chain longer than {self.max_cnames}")
 

@@ -123,6 +123,7 @@ class Validator:
         self.key_cache_max = key_cache_max
         self._keys: dict[dns.name.Name, _ZoneKeys] = {}
         self._zone_of: dict[dns.name.Name, dns.name.Name] = {}
+        self.last_proof = ""  # which records proved the last denial (for the reason text)
 
     def anchor_for(self, name: dns.name.Name) -> dns.name.Name | None:
         best = None
@@ -278,6 +279,7 @@ class Validator:
                               nxdomain)
         if not ok:
             raise Bogus(f"{qname} {tname}: {what} not proven by the NSEC/NSEC3 records")
+        self.last_proof = "NSEC3" if any(r.rdtype == NSEC3 for r in nsecs) else "NSEC"
         return SECURE, ttl
 
 

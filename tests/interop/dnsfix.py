@@ -148,6 +148,8 @@ def cases(k: TestKeys) -> dict[str, tuple[str, list]]:
         "192.0.2.6": ("secure-denial", []),
         "2001:db8::5": ("secure-key", [pub(k.ed25519)]),
         "2001:db8::b": ("secure-key", [pub(k.rsa4096a), pub(k.rsa4096b)]),  # TC -> TCP
+        "2001:db8::6": ("secure-denial", []),  # NXDOMAIN (NSEC3 in knot: closest encloser)
+        "0." * 23 + REV6: ("secure-denial", []),  # empty non-terminal: NODATA
     }
 
 
@@ -233,7 +235,8 @@ class Knot:
     """
 
     def __init__(self, host, server, *, extra: dict[str, str] | None = None,
-                 tsig: dict[str, str] | None = None):
+                 tsig: dict[str, str] | None = None, nsec3=(REV6,)):
+        self.nsec3 = set(nsec3)  # these are signed with NSEC3 (salted, 1 extra iteration)
         self.host = host
         self.dir = host.workdir / "knot"
         self.server = server
@@ -260,7 +263,8 @@ class Knot:
             text = unsigned_text(zone) if auto else self.server.zone_text(o)
             text += self.extra.get(o, "")
             (self.dir / "zones" / f"{o}zone").write_text(text)
-            zone_lines.append(f"  - domain: {o}\n    template: {'auto' if auto else 'presigned'}"
+            tmpl = ("auto3" if o in self.nsec3 else "auto") if auto else "presigned"
+            zone_lines.append(f"  - domain: {o}\n    template: {tmpl}"
                               + ("\n    acl: owner_update" if auto and self.tsig else ""))
         keys = "".join(f"  - id: {n}\n    algorithm: hmac-sha256\n    secret: {s}\n"
                        for n, s in self.tsig.items())
@@ -290,6 +294,19 @@ class Knot:
                 rrsig-lifetime: 14d
                 rrsig-refresh: 7d
                 nsec3: off
+              - id: test3
+                algorithm: ecdsap256sha256
+                single-type-signing: on
+                dnskey-ttl: 60
+                zone-max-ttl: 60
+                propagation-delay: 0
+                ksk-lifetime: 0
+                zsk-lifetime: 0
+                rrsig-lifetime: 14d
+                rrsig-refresh: 7d
+                nsec3: on
+                nsec3-iterations: 1
+                nsec3-salt-length: 8
             template:
               - id: default
                 storage: "{d}/zones"
@@ -299,6 +316,14 @@ class Knot:
                 file: "%s.zone"
                 dnssec-signing: on
                 dnssec-policy: test
+                zonefile-sync: -1
+                zonefile-load: difference-no-serial
+                journal-content: all
+              - id: auto3
+                storage: "{d}/zones"
+                file: "%s.zone"
+                dnssec-signing: on
+                dnssec-policy: test3
                 zonefile-sync: -1
                 zonefile-load: difference-no-serial
                 journal-content: all

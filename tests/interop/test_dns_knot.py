@@ -65,6 +65,10 @@ def test_every_case_same_in_both_modes(dns_lab, keys):
             status, want = cases[a.query]
             assert a.status == status, (how, a.query, a.reason)
             assert [k.key_bytes() for k in a.keys] == want, (how, a.query)
+    by_query = {a.query: a for a in results["validate via unbound"]}
+    assert "NSEC3" in by_query["2001:db8::6"].reason  # knot signs REV6 with NSEC3
+    assert "NSEC3" in by_query["0." * 23 + dnsfix.REV6].reason
+    assert "by NSEC;" in by_query["nothere.oe.example."].reason + ";"
     v6 = next(a for a in results["unbound's AD bit"] if a.query == "2001:db8::b")
     assert len(v6.keys) == 2  # two RSA-4096 keys: over 1232 bytes, fetched over TCP
 
@@ -76,3 +80,24 @@ def test_wrong_trust_anchor_is_bogus_in_both_modes(dns_lab):
             _lookup_all(netns, ["127.0.0.1"], dns_lab["wrong_anchors"], "validate", names),
             _lookup_all(netns, ["127.0.0.2"], None, "resolver", names)):
         assert [a.status for a in answers] == ["bogus"] * 4, [a.reason for a in answers]
+
+
+def test_example_zones_load_into_knot(hosts):
+    """zones/ as a DNS admin would use it: knot signs it, unbound validates through it."""
+    needs(have("knotd") and have("keymgr") and have("unbound"), "knot and unbound")
+    from pathlib import Path
+    from oe_agent.dns.server import AuthServer
+    auth, client = hosts.add(), hosts.add()
+    zones = AuthServer.from_directory(Path(__file__).resolve().parents[2] / "zones")
+    knot = dnsfix.Knot(auth, zones).start()
+    ub = dnsfix.Unbound(client, knot.anchors_text(),
+                        {z: auth.v4 for z in dnsfix.AUTO_SIGNED}).start()
+    try:
+        names = ["a.oe.example", "d.oe.example", "192.0.2.2", "192.0.2.100", "2001:db8::1"]
+        want = ["secure-key", "secure-denial", "secure-key", "secure-key", "secure-key"]
+        for mode, anchors in (("validate", knot.anchors_text()), ("resolver", None)):
+            got = _lookup_all(client.name, ["127.0.0.1"], anchors, mode, names)
+            assert [a.status for a in got] == want, [(a.query, a.reason) for a in got]
+    finally:
+        ub.stop()
+        knot.stop()
