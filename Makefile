@@ -24,14 +24,14 @@ test: deps
 	  $(PYTEST) -m $$t -q -p no:cacheprovider || rc=1; \
 	done; \
 	echo "== vm tier (QEMU): pytest -m vm"; \
-	$(PY) tools/vmrun.py -- $(PYTEST) -m vm -q -p no:cacheprovider || rc=1; \
+	$(PY) tools/vmrun.py -- $(PYTEST) -m vm -q -p no:cacheprovider -p no:hypothesispytest tests/vm || rc=1; \
 	exit $$rc
 
 test-unit test-netns test-interop: venv
 	$(PYTEST) -m $(@:test-%=%) -q
 
 test-vm: venv
-	$(PY) tools/vmrun.py -- $(PYTEST) -m vm -q -p no:cacheprovider
+	$(PY) tools/vmrun.py -- $(PYTEST) -m vm -q -p no:cacheprovider -p no:hypothesispytest tests/vm
 
 demo: deps
 	$(VENV)/bin/oe-agent mesh
