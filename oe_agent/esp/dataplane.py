@@ -587,6 +587,8 @@ class UserspaceDataplane:
     def _expire_shunt(self, remote: IPAddress, shunt: _Shunt) -> None:
         if self._shunts.get(remote) is shunt:
             del self._shunts[remote]
+            if shunt.kind is ShuntKind.HOLD:
+                self._drop_held(remote)  # the negotiation shunt ran out: nothing to release
             self._dirty.add(ipaddress.ip_network(remote))
             self._wake.set()
             self._events.put_nowait(PolicyExpire(ipaddress.ip_network(shunt.local),

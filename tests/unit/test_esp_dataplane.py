@@ -374,3 +374,25 @@ def test_reassembler_is_bounded():
     f = fragments(udp(A, C, bytes(100)), 48)[0]
     r.add(f, packet.parse(f), 10.0)  # the two stale ones time out
     assert r.dropped == 3 and len(r._parts) == 1
+
+
+async def test_hold_shunt_expiry_drops_what_it_held(wired):
+    clock, a, _, _ = wired
+    await a.set_trap(ipaddress.ip_network("192.0.2.0/24"))
+    a.outbound(udp(A, B), clock())
+    await a.set_shunt(A, B, ShuntKind.HOLD, 10)
+    a.outbound(udp(A, B), clock())
+    assert len(a._held[B].packets) == 2
+    clock.t += 11
+    a.poll(clock())
+    assert B not in a._held and a.stats["shunt-drop"] == 2
+
+
+def test_raw_ipv4_socket_strips_the_ip_header():
+    from oe_agent.esp.udp import RawEsp
+    got = []
+    raw = RawEsp(lambda d, addr: got.append(d), mark=1)
+    esp = struct.pack("!II", 0x1234, 1) + bytes(40)
+    raw._strip_v4(packet.build_ipv4(B, A, packet.PROTO_ESP, esp), (str(B), 0))
+    raw._strip_v4(b"\x60" + bytes(50), (str(B), 0))  # not IPv4: ignored
+    assert got == [esp]
