@@ -222,6 +222,7 @@ class IkeSa:
         self._collisions: dict[int, tuple[ChildSa, bytes, bytes]] = {}  # old spi_in -> peer's
         self._ike_candidate: _Keyset | None = None  # peer's IKE rekey during ours (§2.8.2)
         self.last_error: str = ""
+        self._first_ni = b""
 
     # ------------------------------------------------------------------ public API
     @property
@@ -235,6 +236,11 @@ class IkeSa:
     @property
     def ni(self) -> bytes:
         return self._ks.ni
+
+    @property
+    def first_ni(self) -> bytes:
+        """Ni of the IKE_SA_INIT that created this SA (the mutual-initiation tie-break)."""
+        return self._first_ni
 
     @property
     def local_spis(self) -> set[bytes]:
@@ -604,6 +610,7 @@ class IkeSa:
 
     def _send_init(self, ks: _Keyset, msg, now: float):
         ks.ni = ks.ni or self._rng(NONCE_LEN)
+        self._first_ni = ks.ni
         if self._dh is None:
             self._dh = key_exchange(dh_groups(self.config.ike_offer())[0], self._rng)
         ks.my_mid = 0
@@ -634,6 +641,7 @@ class IkeSa:
         sa = _need(msg, SecurityAssociation, "SA")
         ke = _need(msg, KeyExchange, "KE")
         ks.spi_i, ks.ni = msg.spi_i, _check_nonce(_need(msg, Nonce, "Ni"))
+        self._first_ni = ks.ni
         chosen = select(sa, self.config.ike_offer(), ProtocolId.IKE, ke.group)
         suite = Suite.from_proposal(chosen)
         if suite.dh is None or suite.prf is None:
@@ -1224,3 +1232,159 @@ class IkeSa:
     # the request a response belongs to (set by _receive before dispatch)
     _last_ctx: dict = {}
     _auth_ctx: dict = {}
+
+
+def make_cookie(secret: bytes, ni: bytes, addr: IPAddress, spi_i: bytes) -> bytes:
+    """COOKIE = version | HMAC(secret, Ni | IPi | SPIi), stateless (RFC 7296 §2.6)."""
+    h = hmac.new(secret, ni + addr.packed + spi_i, "sha256")
+    return b"\x01" + h.digest()[:16]
+
+
+class IkeEndpoint:
+    """Every IKE SA of one host: routes datagrams by our SPI, creates responders for new
+    IKE_SA_INIT requests (when `responder_config(local, remote)` returns a config), demands
+    COOKIEs when `half_open >= cookie_threshold` (or when `demand_cookies` says so), and
+    settles mutual initiation.
+
+    Mutual initiation (both sides initiate to each other at once): when two established IKE
+    SAs join the same address pair, one initiated by each side, the one whose IKE_SA_INIT
+    carried the lower Ni (bytewise) survives; the initiator of the other deletes it, with its
+    Child SAs. Both sides see both nonces, so both agree without a message of their own.
+    """
+
+    def __init__(self, rng: Rng, responder_config: Callable[[IPAddress, IPAddress],
+                                                              IkeConfig | None],
+                 cookie_threshold: int | None = None):
+        self._rng = rng
+        self._responder_config = responder_config
+        self._secret = rng(32)
+        self.cookie_threshold = cookie_threshold
+        self.demand_cookies: bool | None = None
+        self.sas: list[IkeSa] = []
+        self._by_spi: dict[bytes, IkeSa] = {}
+        self._half_open: dict[tuple[IPAddress, bytes], IkeSa] = {}
+        self._events: deque[tuple[IkeSa, IkeEvent]] = deque()
+        self._out: list[Datagram] = []
+        self.dropped = 0  # datagrams that fit no SA (or were refused)
+
+    @property
+    def half_open(self) -> int:
+        return sum(1 for sa in self.sas if sa.state == IkeState.INIT_DONE)
+
+    def connect(self, config: IkeConfig, local, remote, now: float,
+                remote_port: int | None = None) -> IkeSa:
+        sa = IkeSa(config, local, remote, initiator=True, rng=self._rng,
+                   remote_port=remote_port)
+        self.sas.append(sa)
+        sa.connect(now)
+        self._after(sa, now)
+        return sa
+
+    def find(self, remote) -> list[IkeSa]:
+        remote = ipaddress.ip_address(remote)
+        return [sa for sa in self.sas if sa.remote == remote]
+
+    def receive_datagram(self, data: bytes, local: tuple, remote: tuple, now: float) -> None:
+        """An IKE message (marker stripped) that arrived on local=(ip, port) from remote."""
+        try:
+            h = peek_header(data)
+        except IkeError:
+            self.dropped += 1
+            return
+        raddr, laddr = ipaddress.ip_address(remote[0]), ipaddress.ip_address(local[0])
+        if h.exchange == ExchangeType.IKE_SA_INIT and not h.response and not any(h.spi_r):
+            sa = self._half_open.get((raddr, h.spi_i))
+            if sa is None:
+                sa = self._new_responder(data, h, laddr, local[1], raddr, remote[1], now)
+                if sa is None:
+                    return
+        else:
+            sa = self._by_spi.get(h.spi_r if h.initiator else h.spi_i)
+            if sa is None:
+                self.dropped += 1
+                return
+        sa.receive_datagram(data, (raddr, remote[1]), now, local_port=local[1])
+        self._after(sa, now)
+
+    def _new_responder(self, data, h, laddr, lport, raddr, rport, now) -> IkeSa | None:
+        config = self._responder_config(laddr, raddr)
+        if config is None:
+            self.dropped += 1
+            return None
+        need = self.demand_cookies
+        if need is None:
+            need = self.cookie_threshold is not None and self.half_open >= self.cookie_threshold
+        if need:
+            try:
+                msg = Message.parse(data)
+                nonce = _need(msg, Nonce, "Ni").data
+            except IkeError:
+                self.dropped += 1
+                return None
+            want = make_cookie(self._secret, nonce, raddr, h.spi_i)
+            first = msg.payloads[0] if msg.payloads else None
+            if not (isinstance(first, Notify) and first.notify_type == NotifyType.COOKIE
+                    and hmac.compare_digest(first.data, want)):
+                answer = Message(h.spi_i, bytes(8), ExchangeType.IKE_SA_INIT, False, True, 0,
+                                 (Notify(NotifyType.COOKIE, want),))
+                self._out.append(Datagram(answer.to_bytes(), laddr, lport, raddr, rport))
+                return None
+        sa = IkeSa(config, laddr, raddr, initiator=False, rng=self._rng, remote_port=rport,
+                   local_port=lport)
+        self.sas.append(sa)
+        self._half_open[(raddr, h.spi_i)] = sa
+        return sa
+
+    def handle_timer(self, now: float) -> None:
+        for sa in list(self.sas):
+            t = sa.get_timer()
+            if t is not None and t <= now:
+                sa.handle_timer(now)
+                self._after(sa, now)
+
+    def get_timer(self) -> float | None:
+        times = [t for t in (sa.get_timer() for sa in self.sas) if t is not None]
+        return min(times) if times else None
+
+    def datagrams_to_send(self, now: float) -> list[Datagram]:
+        out, self._out = self._out, []
+        return out
+
+    def next_event(self) -> tuple[IkeSa, IkeEvent] | None:
+        return self._events.popleft() if self._events else None
+
+    def _after(self, sa: IkeSa, now: float) -> None:
+        """Collect what `sa` produced, re-index its SPIs, settle duplicates, forget closed."""
+        self._out.extend(sa.datagrams_to_send(now))
+        established = False
+        while (ev := sa.next_event()) is not None:
+            self._events.append((sa, ev))
+            established = established or isinstance(ev, IkeSaEstablished)
+        for spi in sa.local_spis:
+            self._by_spi[spi] = sa
+        if established:
+            self._settle_duplicate(sa, now)
+        if sa.state == IkeState.CLOSED:
+            self._forget(sa)
+
+    def _settle_duplicate(self, sa: IkeSa, now: float) -> None:
+        for other in self.sas:
+            if (other is sa or other.state != IkeState.ESTABLISHED
+                    or other.remote != sa.remote or other.local != sa.local
+                    or other.initiated == sa.initiated):
+                continue
+            loser = sa if sa.first_ni > other.first_ni else other
+            if loser.initiated:
+                loser.delete(now)
+                self._out.extend(loser.datagrams_to_send(now))
+                while (ev := loser.next_event()) is not None:
+                    self._events.append((loser, ev))
+            return
+
+    def _forget(self, sa: IkeSa) -> None:
+        if sa in self.sas:
+            self.sas.remove(sa)
+        for k in [k for k, v in self._by_spi.items() if v is sa]:
+            del self._by_spi[k]
+        for k in [k for k, v in self._half_open.items() if v is sa]:
+            del self._half_open[k]

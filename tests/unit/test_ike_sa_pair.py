@@ -39,7 +39,11 @@ class Pair:
     now: float = 1000.0
     events_i: list = field(default_factory=list)
     events_r: list = field(default_factory=list)
-    wire: list = field(default_factory=list)  # every datagram delivered, (sender, Datagram)
+    wire: list = field(default_factory=list)  # every datagram sent, (sender, Datagram)
+    sent_count: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.sent_count = {id(self.i): 0, id(self.r): 0}
 
     @classmethod
     def make(cls, cfg_i: IkeConfig, cfg_r: IkeConfig, seed: int = 1) -> "Pair":
@@ -61,14 +65,13 @@ class Pair:
     def deliver(self, sa: IkeSa, datagrams: list) -> None:
         peer = self.peer_of(sa)
         for d in datagrams:
-            self.wire.append((sa, d))
             peer.receive_datagram(d.data, (d.local, d.local_port), self.now,
                                   local_port=d.remote_port)
 
     def run(self, drop=None, dup: bool = False, rounds: int = 50) -> None:
         """Exchange datagrams until both sides are quiet. `drop(sender, n)` decides whether
-        the n-th datagram of a sender is lost; `dup` delivers each one twice."""
-        counts = {id(self.i): 0, id(self.r): 0}
+        the n-th datagram of a sender (counted over the whole test) is lost; `dup` delivers each one twice."""
+        counts = self.sent_count
         for _ in range(rounds):
             moved = False
             for sa in (self.i, self.r):
@@ -76,6 +79,7 @@ class Pair:
                 for d in out:
                     counts[id(sa)] += 1
                     moved = True
+                    self.wire.append((sa, d))
                     if drop is not None and drop(sa, counts[id(sa)]):
                         continue
                     self.deliver(sa, [d, d] if dup else [d])
@@ -97,3 +101,47 @@ class Pair:
 
     def of(self, sa_events: list, cls) -> list:
         return [e for e in sa_events if isinstance(e, cls)]
+
+
+@dataclass
+class Hosts:
+    """Two IkeEndpoints (hosts A and B) on one wire, with a fixed clock."""
+
+    a: object
+    b: object
+    now: float = 1000.0
+    events: dict = field(default_factory=lambda: {"a": [], "b": []})
+    sent: list = field(default_factory=list)
+
+    @classmethod
+    def make(cls, cfg_a: IkeConfig, cfg_b: IkeConfig, seed: int = 7, **kw) -> "Hosts":
+        from oe_agent.ike.sa import IkeEndpoint
+
+        a = IkeEndpoint(seeded(seed), lambda local, remote: cfg_a, **kw)
+        b = IkeEndpoint(seeded(seed + 1), lambda local, remote: cfg_b, **kw)
+        return cls(a, b)
+
+    def run(self, rounds: int = 50, drop=None) -> None:
+        for _ in range(rounds):
+            moved = False
+            for src, dst, name in ((self.a, self.b, "a"), (self.b, self.a, "b")):
+                for d in src.datagrams_to_send(self.now):
+                    if d.keepalive:
+                        continue
+                    moved = True
+                    self.sent.append((name, d))
+                    if drop is not None and drop(name, d):
+                        continue
+                    dst.receive_datagram(d.data, (d.remote, d.remote_port),
+                                         (d.local, d.local_port), self.now)
+            for ep, name in ((self.a, "a"), (self.b, "b")):
+                while (x := ep.next_event()) is not None:
+                    self.events[name].append(x[1])
+            if not moved:
+                return
+
+    def advance(self) -> None:
+        timers = [t for t in (self.a.get_timer(), self.b.get_timer()) if t is not None]
+        self.now = max(self.now, min(timers))
+        self.a.handle_timer(self.now)
+        self.b.handle_timer(self.now)
