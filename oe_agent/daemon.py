@@ -24,13 +24,13 @@ from oe_agent.model import IPAddress
 log = logging.getLogger("oe_agent")
 
 
-def host_addresses() -> tuple[IPAddress, ...]:
+async def host_addresses() -> tuple[IPAddress, ...]:
     """Every address configured in this namespace (they are never trapped)."""
-    from pyroute2 import IPRoute
+    from pyroute2 import AsyncIPRoute
 
-    with IPRoute() as ipr:
-        out = []
-        for msg in ipr.get_addr():
+    out = []
+    async with AsyncIPRoute() as ipr:
+        async for msg in await ipr.addr("dump"):
             a = msg.get_attr("IFA_ADDRESS")
             if a:
                 out.append(ipaddress.ip_address(a.split("%")[0]))
@@ -102,7 +102,8 @@ class Daemon:
 
     async def run(self) -> int:
         cfg = self.cfg
-        local = cfg.addresses or host_addresses()
+        ControlServer(None, cfg.socket).check_free()  # a second agent touches nothing
+        local = cfg.addresses or await host_addresses()
         groups = self.load_groups(local)  # errors before touching any kernel state
         dataplane = await make_dataplane(cfg)
         resolver = make_resolver(cfg)

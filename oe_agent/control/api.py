@@ -153,10 +153,14 @@ class ControlServer:
         self.agent, self.path = agent, Path(path)
         self._runner: web.AppRunner | None = None
 
+    def check_free(self) -> None:
+        """UserError if a live agent answers on the path (called before touching anything)."""
+        if (self.path.exists() or self.path.is_symlink()) and _socket_in_use(self.path):
+            raise UserError(f"{self.path}: another agent is listening there")
+
     async def start(self) -> None:
+        self.check_free()
         if self.path.exists() or self.path.is_symlink():
-            if _socket_in_use(self.path):
-                raise UserError(f"{self.path}: another agent is listening there")
             self.path.unlink()  # stale, from a crash
         try:
             self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
