@@ -18,7 +18,8 @@ import asyncio
 import ipaddress
 import logging
 import time
-from dataclasses import dataclass, field
+import dataclasses
+from dataclasses import dataclass
 
 import dns.edns
 import dns.flags
@@ -106,7 +107,6 @@ class _ServFail(Exception):
 class _Entry:
     expires: float
     answer: KeyAnswer
-    stored: float = field(default=0.0)
 
 
 class KeyResolver:
@@ -120,7 +120,7 @@ class KeyResolver:
     def __init__(self, resolvers, trust_anchors=None, dnssec: str = "validate", *,
                  timeout: float = 5.0, attempt_timeout: float = 1.5, max_ttl: int = 3600,
                  max_negative_ttl: int = 3600, bogus_ttl: int = 10, max_cnames: int = 8,
-                 clock=time.monotonic, now=time.time):
+                 max_entries: int = 10000, clock=time.monotonic, now=time.time):
         if dnssec not in MODES:
             raise ValueError(f"dnssec must be one of {', '.join(MODES)}, not {dnssec!r}")
         self.servers = [transport.parse_server(r) for r in resolvers]
@@ -139,6 +139,8 @@ class KeyResolver:
         self.max_ttl, self.max_negative_ttl, self.bogus_ttl = max_ttl, max_negative_ttl, bogus_ttl
         self.max_cnames = max_cnames
         self.clock = clock
+        self.now = now
+        self.max_entries = max_entries
         self.validator = validate.Validator(self._fetch_cd, trust_anchors, now=now, clock=clock,
                                             key_cache_max=max_ttl)
         self._cache: dict[str, _Entry] = {}
@@ -174,8 +176,19 @@ class KeyResolver:
         ttl = {"timeout": 0, "bogus": min(self.bogus_ttl, answer.ttl or self.bogus_ttl)}.get(
             answer.status, answer.ttl)
         if ttl > 0:
-            self._cache[key] = _Entry(self.clock() + ttl, answer)
+            self._store(key, _Entry(self.clock() + ttl, answer))
         return answer
+
+    def _store(self, key: str, entry: _Entry) -> None:
+        """Bounded: expired entries go first, then the oldest (insertion order)."""
+        self._cache.pop(key, None)
+        if len(self._cache) >= self.max_entries:
+            now = self.clock()
+            for k in [k for k, e in self._cache.items() if e.expires <= now]:
+                del self._cache[k]
+            while len(self._cache) >= self.max_entries:
+                del self._cache[next(iter(self._cache))]
+        self._cache[key] = entry
 
     async def _resolve(self, owner: dns.name.Name) -> KeyAnswer:
         base = dict(name=owner.to_text(), dnssec=self.mode)
@@ -227,17 +240,20 @@ class KeyResolver:
             while True:
                 rr = validate.find(msg.answer, cur, IPSECKEY)
                 if rr is not None:
-                    verdict = await v.rrset(rr, validate.sigs_for([msg.answer], rr))
+                    sigs = validate.sigs_for([msg.answer], rr)
+                    verdict = await v.rrset(rr, sigs)
                     secure &= verdict == validate.SECURE
-                    return self._positive(rr, secure, min(ttl, rr.ttl), chain, base,
+                    ttl = min(ttl, rr.ttl, self._sig_ttl(sigs))
+                    return self._positive(rr, secure, ttl, chain, base,
                                           "validated from the trust anchor" if secure else
                                           self._insecure_reason(cur))
                 cn = validate.find(msg.answer, cur, dns.rdatatype.CNAME)
                 if cn is None:
                     break
-                verdict = await v.rrset(cn, validate.sigs_for([msg.answer], cn))
+                sigs = validate.sigs_for([msg.answer], cn)
+                verdict = await v.rrset(cn, sigs)
                 secure &= verdict == validate.SECURE
-                ttl = min(ttl, cn.ttl)
+                ttl = min(ttl, cn.ttl, self._sig_ttl(sigs))
                 cur = cn[0].target
                 chain.append(cur.to_text())
                 if len(chain) > self.max_cnames:
@@ -251,6 +267,12 @@ class KeyResolver:
                                   f"denial proven by {v.last_proof}" if secure else
                                   self._insecure_reason(cur))
         raise validate.Bogus(f"CNAME chain longer than {self.max_cnames}")
+
+    def _sig_ttl(self, sigs) -> int:
+        """RFC 4035 §5.3.3: never cache past the signatures' expiration."""
+        if not sigs:
+            return self.max_ttl
+        return max(0, int(min(s.expiration for s in sigs) - self.now()))
 
     def _insecure_reason(self, name) -> str:
         if self.validator.anchor_for(name) is None:
@@ -335,5 +357,4 @@ def _negative_about(msg: dns.message.Message, name: dns.name.Name) -> bool:
 
 
 def _replace(answer: KeyAnswer, **kw) -> KeyAnswer:
-    import dataclasses
     return dataclasses.replace(answer, **kw)

@@ -184,3 +184,21 @@ async def test_json_and_words(server):
     assert j["status"] == "secure-key" and j["keys"][0]["algorithm"] == 3
     assert j["chain"] == ["5.0-63.2.0.192.in-addr.arpa."]
     assert "DNSSEC-validated" in a.describe()
+
+
+async def test_cache_is_bounded(server):
+    r = _resolver(server, max_entries=3)
+    for name in ("ed25519.oe.example", "ed448.oe.example", "p256.oe.example",
+                 "p384.oe.example"):
+        await r.lookup(name)
+    assert len(r._cache) == 3
+    assert not (await r.lookup("ed25519.oe.example")).from_cache  # the oldest went first
+    assert (await r.lookup("p384.oe.example")).from_cache
+
+
+async def test_ttl_never_outlives_the_signatures(server):
+    # the server's signatures expire in 14 days; a clock 14 days less 10 s on: ttl <= 10 s
+    import time
+    r = _resolver(server, now=lambda: time.time() + 14 * 86400 - 10)
+    a = await r.lookup("rsa.oe.example")
+    assert a.status == "secure-key" and a.ttl <= 10
