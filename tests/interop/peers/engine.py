@@ -96,15 +96,17 @@ class EnginePeer:
                 out.append(json.loads(line[6:]))
         return out
 
-    def wait_event(self, name: str, match=lambda e: True, timeout: float = 20.0,
+    def wait_event(self, name: str | tuple[str, ...], match=lambda e: True, timeout: float = 20.0,
                    new_only: bool = True) -> dict:
-        """The first event `name` (after the last one returned, if new_only) matching `match`."""
+        """The first event `name` (or any of several names), after the last one returned if
+        new_only, that satisfies `match`."""
+        names = (name,) if isinstance(name, str) else name
         deadline = time.monotonic() + timeout
         while True:
             evs = self.events()
             start = self._seen if new_only else 0
             for i in range(start, len(evs)):
-                if evs[i]["event"] == name and match(evs[i]):
+                if evs[i]["event"] in names and match(evs[i]):
                     self._seen = i + 1
                     return evs[i]
             if self.proc is not None and self.proc.poll() is not None:
