@@ -1,0 +1,143 @@
+"""`oe-agent decrypt`: the charon capture shows its inner ICMP packets; pcapng, Linux cooked,
+raw ESP (transport, AES-CBC+HMAC, IPv6) decode; every bad input is one line, exit 2."""
+from __future__ import annotations
+
+import os
+import struct
+
+import pytest
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+from oe_agent.cli import main
+from oe_agent.ike.const import IntegId
+from oe_agent.ike.crypto import INTEGS
+from oe_agent.ike.pcap import read_frames
+from tests.conftest import SHARED, needs
+
+VECTORS = SHARED / "vectors"
+PCAP = VECTORS / "ike-ed25519-espinudp.pcap"
+KEYS = VECTORS / "ike-ed25519-espinudp.keys.txt"
+
+
+@pytest.fixture
+def vectors():
+    needs(PCAP.exists() and KEYS.exists(), f"test vectors in {VECTORS}")
+    return PCAP, KEYS
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    rc = main(["decrypt", *map(str, argv)])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_capture_shows_ike_and_inner_icmp(vectors, capsys):
+    rc, out, err = run(capsys, vectors[0], "--keylog", vectors[1])
+    assert rc == 0 and err == ""
+    assert "IKE IKE_SA_INIT request #0 from initiator" in out
+    assert "IDi IPV4_ADDR 192.0.2.1" in out and "AUTH DIGITAL_SIGNATURE" in out
+    assert "SA #1 ESP spi 08cd5382 ENCR=AES_GCM_16-128" in out
+    assert "D IKE" in out
+    assert out.count("inner (tunnel) 192.0.2.1 -> 192.0.2.2 ICMP type 8 code 0") == 2
+    assert out.count("inner (tunnel) 192.0.2.2 -> 192.0.2.1 ICMP type 0 code 0") == 2
+    assert ' !"#$%&\'()*+,-./01234567' in out  # ping's payload pattern, as a preview
+    assert out.rstrip().endswith("6 IKE messages (4 decrypted), 4 ESP packets (4 decrypted)")
+
+
+def _pcap_records(path):
+    with open(path, "rb") as f:
+        return [(fr.linktype, fr.data) for fr in read_frames(f)]
+
+
+def _write_pcapng(path, linktype, frames):
+    def block(btype, body):
+        body += b"\0" * (-len(body) % 4)
+        return struct.pack("<II", btype, len(body) + 12) + body + struct.pack("<I", len(body) + 12)
+
+    out = block(0x0A0D0D0A, struct.pack("<IHHq", 0x1A2B3C4D, 1, 0, -1))
+    out += block(1, struct.pack("<HHI", linktype, 0, 65535))
+    for i, data in enumerate(frames):
+        out += block(6, struct.pack("<IIIII", 0, 0, i, len(data), len(data)) + data)
+    path.write_bytes(out)
+
+
+def _write_pcap(path, linktype, frames):
+    out = struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, linktype)
+    for i, data in enumerate(frames):
+        out += struct.pack("<IIII", i, 0, len(data), len(data)) + data
+    path.write_bytes(out)
+
+
+def test_pcapng_and_linux_cooked_give_the_same_output(vectors, tmp_path, capsys):
+    _, ref, _ = run(capsys, vectors[0], "--keylog", vectors[1])
+    frames = _pcap_records(vectors[0])
+    assert {lt for lt, _ in frames} == {1}
+    _write_pcapng(tmp_path / "c.pcapng", 1, [d for _, d in frames])
+    rc, out, _ = run(capsys, tmp_path / "c.pcapng", "--keylog", vectors[1])
+    assert rc == 0 and out == ref
+    sll = [b"\0\0\0\1\0\6" + d[6:12] + b"\0\0" + d[12:14] + d[14:] for _, d in frames]
+    _write_pcap(tmp_path / "sll.pcap", 113, sll)
+    rc, out, _ = run(capsys, tmp_path / "sll.pcap", "--keylog", vectors[1])
+    assert rc == 0 and out == ref
+
+
+def _esp_cbc(spi, seq, ekey, akey, iv, inner, next_header):
+    pad = -(len(inner) + 2) % 16
+    plain = inner + bytes(range(1, pad + 1)) + bytes([pad, next_header])
+    enc = Cipher(algorithms.AES(ekey), modes.CBC(iv)).encryptor()
+    ct = enc.update(plain) + enc.finalize()
+    head = struct.pack("!II", spi, seq) + iv
+    return head + ct + INTEGS[IntegId.HMAC_SHA2_256_128].icv(akey, head + ct)
+
+
+def _ipv6(src, dst, nh, payload):
+    return (struct.pack("!IHBB", 6 << 28, len(payload), nh, 64) + bytes.fromhex(src)
+            + bytes.fromhex(dst) + payload)
+
+
+def test_raw_esp_transport_cbc_ipv6(tmp_path, capsys):
+    ekey, akey, iv = b"K" * 16, b"A" * 32, os.urandom(16)
+    canary = b"GET /secret-canary HTTP/1.1\r\nHost: www.example\r\n\r\n" + b"x" * 40
+    tcp = struct.pack("!HHIIBBHHH", 40000, 80, 1, 0, 5 << 4, 0x18, 65535, 0, 0) + canary
+    src, dst = "20010db8000000000000000000000001", "20010db8000000000000000000000002"
+    pkt = _ipv6(src, dst, 50, _esp_cbc(0x0000C0DE, 7, ekey, akey, iv, tcp, 6))
+    _write_pcap(tmp_path / "raw.pcap", 101, [pkt, _ipv6(src, dst, 50, b"\0\0\0\1short")])
+    (tmp_path / "k").write_text(
+        f'"IPv6","2001:db8::1","2001:db8::2","0x0000c0de","AES-CBC [RFC3602]",'
+        f'"0x{ekey.hex()}","HMAC-SHA-256-128 [RFC4868]","0x{akey.hex()}"\n')
+    rc, out, err = run(capsys, tmp_path / "raw.pcap", "--keylog", tmp_path / "k")
+    assert rc == 0, err
+    assert "ESP spi 0x0000c0de seq 7" in out
+    assert "inner (transport) 2001:db8::1 -> 2001:db8::2 TCP ports 40000 -> 80" in out
+    assert "payload: GET /secret-canary HTTP/1.1..Host: www.example....xxxxxxxxxx" in out
+    assert "(no esp_sa key for this SPI)" in out
+
+
+def test_key_that_does_not_fit_is_reported(vectors, tmp_path, capsys):
+    text = vectors[1].read_text()
+    sk_ei = text.splitlines()[1].split(",")[2]
+    (tmp_path / "k").write_text(text.replace(sk_ei, "00" * 36))
+    rc, out, err = run(capsys, vectors[0], "--keylog", tmp_path / "k")
+    assert rc == 2
+    assert out.count("key does not fit: SK integrity check failed") == 2  # initiator's SKs
+    assert err == "oe-agent: 2 packet(s) did not decrypt or parse with the given keys\n"
+
+
+@pytest.mark.parametrize("make,words", [
+    (lambda d: (d / "none.pcap", d / "k"), "no such file"),
+    (lambda d: (PCAP, d / "missing.txt"), "no such file"),
+    (lambda d: (d / "k", d / "k"), "not a pcap or pcapng file"),
+    (lambda d: (PCAP, PCAP), "not a text file"),
+    (lambda d: (PCAP, d / "bad"), "line 1: unsupported IKE encryption"),
+    (lambda d: (d / "trunc.pcap", d / "k"), "truncated"),
+    (lambda d: (PCAP, d / "empty-dir"), "neither ikev2_decryption_table nor esp_sa"),
+])
+def test_bad_input_is_one_line(vectors, tmp_path, capsys, make, words):
+    (tmp_path / "k").write_text(vectors[1].read_text())
+    (tmp_path / "bad").write_text('0123456789abcdef,0123456789abcdef,00,00,"3DES",,,"NONE"\n')
+    (tmp_path / "trunc.pcap").write_bytes(vectors[0].read_bytes()[:100])
+    (tmp_path / "empty-dir").mkdir()
+    pcap, keys = make(tmp_path)
+    rc, out, err = run(capsys, pcap, "--keylog", keys)
+    assert rc == 2 and words in err
+    assert err.count("\n") == 1 and err.startswith("oe-agent: ") and "Traceback" not in err
