@@ -246,6 +246,15 @@ class KernelAcquire(Acquire):
     priority: int = 0
 
 
+@dataclass(frozen=True)
+class KernelPolicyExpire(PolicyExpire):
+    """A POLEXPIRE: the model's PolicyExpire plus the policy's direction and priority."""
+
+    dir: str = "out"
+    priority: int = 0
+    proto: int = 0
+
+
 def _mark(m) -> tuple[int, int] | None:
     a = m.get_attr("XFRMA_MARK")
     return (a["v"], a["m"]) if a else None
@@ -293,7 +302,7 @@ def sa_from(m, prefix: str = "") -> Sa:
         mark=_mark(m), if_id=m.get_attr("XFRMA_IF_ID") or 0)
 
 
-def event_from(m) -> KernelAcquire | SaExpire | PolicyExpire | None:
+def event_from(m) -> KernelAcquire | SaExpire | KernelPolicyExpire | None:
     """A multicast message -> the model's typed event (None for other messages)."""
     if isinstance(m, xfrm.xfrm_user_acquire):
         sel = Selector.from_fields(m, "sel_")
@@ -308,7 +317,9 @@ def event_from(m) -> KernelAcquire | SaExpire | PolicyExpire | None:
                         hard=bool(m["hard"]), reqid=m["state_reqid"])
     if isinstance(m, xfrm.xfrm_user_polexpire):
         sel = Selector.from_fields(m, "pol_sel_")
-        return PolicyExpire(src=sel.src, dst=sel.dst, index=m["pol_index"], hard=bool(m["hard"]))
+        return KernelPolicyExpire(src=sel.src, dst=sel.dst, index=m["pol_index"],
+                                  hard=bool(m["hard"]), priority=m["pol_priority"],
+                                  dir=_DIR_BY_NUM.get(m["pol_dir"], "out"), proto=sel.proto)
     return None
 
 

@@ -1,0 +1,536 @@
+"""The kernel dataplane: model.Dataplane on XFRM, with ownership by reqid and priority band.
+
+Everything installed here carries a reqid in `reqid_band` and a priority in `priority_band`;
+`start()` removes the agent's stale entries from a previous run (dump, then delete only what
+is in the bands) and `stop()` removes what this run installed. Foreign policies and SAs (other
+daemons, the administrator) are never touched, and a foreign policy with the same selector is
+reported as a conflict instead of replaced.
+
+Priorities (lower wins in XFRM), as offsets in the band:
+  0   IPv6 neighbour discovery bypass (a trap on a /64 must not swallow NS/NA),
+  16  SA pair policies (in/out, fwd in tunnel mode),
+  32  shunts on a host pair (pass/drop/hold, with a lifetime),
+  256 + 4*(128 - prefixlen) + (0 if port else 2) + (0 if proto else 1)  group policies:
+      longest prefix first, then the more specific protocol/port (product.md §2).
+
+Hold (product.md §3): the kernel queues the packets. `start()` sets the namespace's
+`net.core.xfrm_larval_drop` to 0, so a packet that hits a trap or hold policy while its SA is
+negotiated waits on that policy's queue (at most 100 packets per policy, purged after 60 s:
+bounded per destination, since a hold shunt is a per-pair policy). Replacing the hold shunt by
+the SA's out policy (UPDPOLICY) moves the queue to the new policy and sends it at once; packets
+queued on a group trap go out on the kernel's next retry. An agent-side queue would need the
+packets in userspace, which XFRM does not hand out; the larval queue is free and already
+bounded. The previous sysctl value is restored by `stop()`.
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+import ipaddress
+import itertools
+import os
+import socket
+from dataclasses import replace
+from pathlib import Path
+from typing import AsyncIterator
+
+from oe_agent.model import (Acquire, Capabilities, ChildSaParams, EspAlgorithm, IPAddress,
+                            IPNetwork, Mode, PolicyExpire, SaCounters, SaExpire, ShuntKind)
+from oe_agent.trap import xfrm
+from oe_agent.trap.kernel import (KernelAcquire, KernelPolicyExpire, Lifetime, Policy, SaSpec, Selector, Template,
+                                  Xfrm, event_from)
+from oe_agent.trap.netlink import EventsLost, XfrmError, XfrmEventSocket
+
+DEFAULT_REQID_BASE = 0x0E0A0000
+DEFAULT_PRIORITY_BASE = 0x0E0A0000
+REQID_COUNT = 0x10000
+PRIORITY_COUNT = 0x400
+RANK_ND, RANK_SA, RANK_SHUNT, RANK_GROUP = 0, 16, 32, 256
+LARVAL_DROP = Path("/proc/sys/net/core/xfrm_larval_drop")
+ICMPV6, ND_TYPES = 58, (135, 136)  # neighbour solicitation / advertisement (RFC 4861)
+PROBE_ALGORITHMS = (
+    (EspAlgorithm("aes-gcm-16", 128), 20, 0),
+    (EspAlgorithm("aes-cbc", 128, "hmac-sha2-256-128"), 16, 32),
+    (EspAlgorithm("chacha20-poly1305", 256), 36, 0),
+)
+
+
+class PolicyConflict(Exception):
+    """A policy that is not the agent's already has this selector and direction."""
+
+
+def group_rank(dst: IPNetwork, proto: int, port: int) -> int:
+    """Longest prefix first, then proto+port over proto over any (product.md §2)."""
+    return RANK_GROUP + 4 * (128 - dst.prefixlen) + (0 if port else 2) + (0 if proto else 1)
+
+
+async def probe(x: Xfrm, reqid: int) -> Capabilities:
+    """Add and delete a throwaway ESP SA per algorithm (product.md §6): EPROTONOSUPPORT means
+    no ESP at all, ENOSYS that algorithm is missing, success that it works."""
+    spi = 0xFFFF0000 | int.from_bytes(os.urandom(2), "big")
+    works: set[str] = set()
+    notes: list[str] = []
+    no_esp = False
+    for src, dst in (("192.0.2.254", "192.0.2.253"), ("2001:db8::fe", "2001:db8::fd")):
+        for alg, klen, ilen in PROBE_ALGORITHMS:
+            name = alg.encr + (f"+{alg.integ}" if alg.integ else "")
+            try:
+                await x.add_sa(SaSpec(ipaddress.ip_address(src), ipaddress.ip_address(dst), spi,
+                                      reqid, alg, bytes(klen), bytes(ilen)))
+            except XfrmError as e:
+                if e.errno == errno.EPROTONOSUPPORT:
+                    no_esp = True
+                    notes.append(f"IPv{ipaddress.ip_address(src).version} ESP missing "
+                                 f"({e.ext_ack or 'EPROTONOSUPPORT'})")
+                    break
+                if e.errno == errno.ENOSYS:
+                    notes.append(f"{name} missing")
+                    continue
+                raise
+            await x.del_sa(dst, spi)
+            if ipaddress.ip_address(src).version == 4:
+                works.add(alg.encr)
+                if alg.integ:
+                    works.add(alg.integ)
+    if no_esp:
+        return Capabilities(esp=False, algorithms=frozenset(),
+                            detail="no ESP: " + "; ".join(notes))
+    if not works:
+        return Capabilities(esp=False, algorithms=frozenset(),
+                            detail="no ESP algorithm available: " + "; ".join(notes))
+    return Capabilities(esp=True, algorithms=frozenset(works),
+                        detail="full ESP" if not notes else "; ".join(notes))
+
+
+def socket_bypass(sock: socket.socket) -> None:
+    """Let this socket's own packets (IKE, DNS) pass every XFRM policy: a per-socket allow
+    policy in both directions (IP_XFRM_POLICY / IPV6_XFRM_POLICY), as IKE daemons do, so an
+    IKE or DNS packet to a trapped peer does not wait for the SA it is negotiating."""
+    if sock.family == socket.AF_INET6:
+        levels = [(socket.IPPROTO_IPV6, xfrm.IPV6_XFRM_POLICY, xfrm.AF_INET6, True),
+                  (socket.IPPROTO_IP, xfrm.IP_XFRM_POLICY, xfrm.AF_INET, False)]
+    else:
+        levels = [(socket.IPPROTO_IP, xfrm.IP_XFRM_POLICY, xfrm.AF_INET, True)]
+    for level, opt, fam, required in levels:
+        for d in (xfrm.XFRM_POLICY_IN, xfrm.XFRM_POLICY_OUT):
+            vals = {"sel_family": fam, "dir": d, "action": xfrm.XFRM_POLICY_ALLOW}
+            vals.update(Lifetime().fields())
+            try:
+                sock.setsockopt(level, opt, xfrm.pack(xfrm.XFRM_USERPOLICY_INFO, vals))
+            except OSError:
+                if required:
+                    raise
+                # v4-mapped traffic on a v6-only socket: nothing to bypass
+
+
+def _addr(a) -> IPAddress:
+    return ipaddress.ip_address(a)
+
+
+class KernelDataplane:
+    """model.Dataplane on the kernel's XFRM, in the network namespace it is started in.
+
+    Extra API beyond the protocol: `xfrm` (the lower-level `Xfrm`), `reqid_band`,
+    `priority_band`, `capabilities`, `policies()`, `sas()`, `new_reqid()`.
+    """
+
+    def __init__(self, reqid_base: int = DEFAULT_REQID_BASE,
+                 priority_base: int = DEFAULT_PRIORITY_BASE, larval_queue: bool = True,
+                 nd_bypass: bool = True):
+        self.reqid_band = range(reqid_base, reqid_base + REQID_COUNT)
+        self.priority_band = range(priority_base, priority_base + PRIORITY_COUNT)
+        self.trap_reqid = reqid_base  # the template of trap and hold policies
+        self.probe_reqid = reqid_base + REQID_COUNT - 1
+        self.larval_queue = larval_queue
+        self.nd_bypass = nd_bypass
+        self.xfrm: Xfrm | None = None
+        self.capabilities: Capabilities | None = None
+        self._events: XfrmEventSocket | None = None
+        self._larval_drop_before: str | None = None
+        self._reqids = itertools.count(reqid_base + 1)
+        self._groups: dict[tuple, str] = {}  # (dst, proto, port) -> trap|pass|block
+        self._pairs: dict[tuple, tuple] = {}  # (local, remote) -> ("shunt", kind) | ("sa", key)
+        self._sas: dict[tuple, tuple] = {}  # (local, remote, spi_in) -> (params, policies)
+        self._allocated: set[tuple] = set()  # (dst, spi) made larval by ALLOCSPI
+        self._acquire_seq: dict[tuple, int] = {}  # (src, dst) -> last ACQUIRE seq
+        self._base: list[tuple] = []  # (sel, dir) of the ND bypass policies
+
+    # --- life cycle -------------------------------------------------------------------------
+    async def start(self) -> Capabilities:
+        """Open the sockets (events first, so nothing is missed), enable the larval queue,
+        probe ESP, remove own stale state, install the ND bypass."""
+        self._events = await XfrmEventSocket.open()
+        self.xfrm = await Xfrm.open()
+        if self.larval_queue:
+            self._larval_drop_before = LARVAL_DROP.read_text().strip()
+            LARVAL_DROP.write_text("0")
+        await self.reconcile()
+        self.capabilities = await probe(self.xfrm, self.probe_reqid)
+        if self.nd_bypass:
+            for t in ND_TYPES:
+                for d in ("out", "in"):
+                    sel = Selector(ipaddress.ip_network("::/0"), ipaddress.ip_network("::/0"),
+                                   ICMPV6, t, 0)
+                    await self._install(sel, d, RANK_ND, "allow")
+                    self._base.append((sel, d))
+        return self.capabilities
+
+    async def stop(self, keep_sas: bool = False) -> None:
+        """Remove everything this run installed; with keep_sas the SA pairs (and their
+        policies) stay for a restart that adopts them."""
+        if self.xfrm is None:
+            return
+        try:
+            for key, kind in list(self._groups.items()):
+                await self.remove_group_policy(*key)
+            for (local, remote), owner in list(self._pairs.items()):
+                if owner[0] == "shunt":
+                    await self.clear_shunt(local, remote)
+            if not keep_sas:
+                for params, _pols in list(self._sas.values()):
+                    await self.del_child_sa(params)
+            for sel, d in self._base:
+                await self.xfrm.del_policy(sel, d)
+            self._base.clear()
+            if self._larval_drop_before is not None:
+                LARVAL_DROP.write_text(self._larval_drop_before)
+                self._larval_drop_before = None
+        finally:
+            self.xfrm.close()
+            self.xfrm = None
+            if self._events is not None:
+                self._events.close()
+                self._events = None
+
+    def own_policy(self, p: Policy) -> bool:
+        return p.priority in self.priority_band
+
+    def own_reqid(self, reqid: int) -> bool:
+        return reqid in self.reqid_band
+
+    async def reconcile(self) -> tuple[int, int]:
+        """Delete own policies and SAs left from an earlier run; foreign ones stay.
+        Returns (policies removed, SAs removed)."""
+        np = ns = 0
+        for p in await self.xfrm.policies():
+            if self.own_policy(p) and await self.xfrm.del_policy(p.sel, p.dir, mark=p.mark,
+                                                                 if_id=p.if_id):
+                np += 1
+        for sa in await self.xfrm.sas():
+            # larval states (SPI 0) are not addressable; the kernel expires them itself
+            if self.own_reqid(sa.reqid) and sa.spi and await self.xfrm.del_sa(
+                    sa.dst, sa.spi, mark=sa.mark, if_id=sa.if_id):
+                ns += 1
+        return np, ns
+
+    def new_reqid(self) -> int:
+        """A fresh reqid from the band for one Child SA pair."""
+        r = next(self._reqids)
+        if r >= self.probe_reqid:
+            self._reqids = itertools.count(self.reqid_band.start + 1)
+            r = next(self._reqids)
+        return r
+
+    # --- policy helpers ---------------------------------------------------------------------
+    def _prio(self, rank: int) -> int:
+        return self.priority_band.start + rank
+
+    async def _install(self, sel: Selector, d: str, rank: int, action: str,
+                       templates: tuple[Template, ...] = (), lifetime: Lifetime = Lifetime()):
+        """NEWPOLICY; on EEXIST replace it only if the existing one is ours."""
+        kw = dict(priority=self._prio(rank), action=action, templates=templates,
+                  lifetime=lifetime)
+        try:
+            await self.xfrm.add_policy(sel, d, **kw)
+        except XfrmError as e:
+            if e.errno != errno.EEXIST:
+                raise
+            cur = await self.xfrm.get_policy(sel, d)
+            if cur is not None and not self.own_policy(cur):
+                raise PolicyConflict(f"a foreign policy (priority {cur.priority}) already "
+                                     f"covers {sel} dir {d}") from None
+            await self.xfrm.add_policy(sel, d, update=True, **kw)
+
+    async def _remove(self, sel: Selector, d: str) -> None:
+        cur = await self.xfrm.get_policy(sel, d)
+        if cur is not None and self.own_policy(cur):
+            await self.xfrm.del_policy(sel, d)
+
+    def _trap_template(self, family: int) -> tuple[Template, ...]:
+        return (Template(reqid=self.trap_reqid, family=family),)
+
+    # --- group policies ---------------------------------------------------------------------
+    async def _group(self, kind: str, dst, proto: int, port: int) -> None:
+        dst = ipaddress.ip_network(dst, strict=False)
+        if port and proto not in (6, 17, 132, 33, 1, 58):
+            raise ValueError(f"port {port} given for protocol {proto}, which has no ports")
+        key = (dst, proto, port)
+        old = self._groups.get(key)
+        if old is not None and old != kind:
+            await self.remove_group_policy(dst, proto, port)
+        sel = Selector.to(dst, proto, port)
+        rank = group_rank(dst, proto, port)
+        if kind == "trap":
+            await self._install(sel, "out", rank, "allow", self._trap_template(sel.family))
+        elif kind == "pass":
+            await self._install(sel, "out", rank, "allow")
+        else:  # block both directions (product.md §2)
+            await self._install(sel, "out", rank, "block")
+            await self._install(sel.reversed(), "in", rank, "block")
+        self._groups[key] = kind
+
+    async def set_trap(self, dst: IPNetwork, proto: int = 0, port: int = 0) -> None:
+        """Out policy with an ESP template: the first packet makes the kernel send ACQUIRE."""
+        await self._group("trap", dst, proto, port)
+
+    async def set_pass(self, dst: IPNetwork, proto: int = 0, port: int = 0) -> None:
+        await self._group("pass", dst, proto, port)
+
+    async def set_block(self, dst: IPNetwork, proto: int = 0, port: int = 0) -> None:
+        await self._group("block", dst, proto, port)
+
+    async def remove_group_policy(self, dst: IPNetwork, proto: int = 0, port: int = 0) -> None:
+        dst = ipaddress.ip_network(dst, strict=False)
+        kind = self._groups.pop((dst, proto, port), None)
+        sel = Selector.to(dst, proto, port)
+        await self._remove(sel, "out")
+        if kind in (None, "block"):
+            await self._remove(sel.reversed(), "in")
+
+    # --- shunts -----------------------------------------------------------------------------
+    async def set_shunt(self, local: IPAddress, remote: IPAddress, kind: ShuntKind,
+                        lifetime_s: int) -> None:
+        """A /32 (/128) out policy for the pair with a hard lifetime (0 = none): pass = clear,
+        drop = block, hold = a template, so packets wait on its larval queue. Its POLEXPIRE
+        (hard) comes out of events(); the group policy underneath applies again by itself."""
+        local, remote = _addr(local), _addr(remote)
+        sel = Selector.pair(local, remote)
+        kind = ShuntKind(kind)
+        if kind is ShuntKind.HOLD:
+            action, tmpl = "allow", self._trap_template(sel.family)
+        else:
+            action, tmpl = ("block" if kind is ShuntKind.DROP else "allow"), ()
+        await self._install(sel, "out", RANK_SHUNT, action, tmpl, Lifetime(hard_s=lifetime_s))
+        self._pairs[(local, remote)] = ("shunt", kind)
+
+    async def clear_shunt(self, local: IPAddress, remote: IPAddress) -> None:
+        """Remove the pair's shunt (not an SA policy that replaced it)."""
+        local, remote = _addr(local), _addr(remote)
+        owner = self._pairs.get((local, remote))
+        if owner is not None and owner[0] != "shunt":
+            return
+        self._pairs.pop((local, remote), None)
+        await self._remove(Selector.pair(local, remote), "out")
+
+    # --- SAs --------------------------------------------------------------------------------
+    async def alloc_spi(self, local: IPAddress, remote: IPAddress, seq: int = 0) -> int:
+        """SPI for the inbound SA (remote -> local). `seq` (an ACQUIRE's) goes with the request;
+        the kernel uses it when a larval state with that seq has this destination."""
+        local, remote = _addr(local), _addr(remote)
+        spi = await self.xfrm.alloc_spi(remote, local, seq=seq, reqid=self.trap_reqid)
+        self._allocated.add((local, spi))
+        return spi
+
+    def _specs(self, p: ChildSaParams) -> tuple[SaSpec, SaSpec]:
+        life = Lifetime(p.lifetime_soft_s, p.lifetime_hard_s, p.lifetime_soft_bytes,
+                        p.lifetime_hard_bytes, p.lifetime_soft_packets, p.lifetime_hard_packets)
+        enc_in = enc_out = None
+        if p.encap is not None:
+            enc_out = (p.encap[0], p.encap[1])  # our packets: from local port to remote port
+            enc_in = (p.encap[1], p.encap[0])
+        sel_out = sel_in = None
+        if p.mode is Mode.TRANSPORT:
+            sel_out = Selector.pair(p.local, p.remote)
+            sel_in = sel_out.reversed()
+        seq = self._acquire_seq.get((p.local, p.remote), 0)
+        out = SaSpec(p.local, p.remote, p.spi_out, p.reqid, p.alg, p.encr_key_out,
+                     p.integ_key_out, p.mode, sel_out, enc_out, p.esn, 0, life, seq)
+        inb = SaSpec(p.remote, p.local, p.spi_in, p.reqid, p.alg, p.encr_key_in,
+                     p.integ_key_in, p.mode, sel_in, enc_in, p.esn, p.replay_window, life)
+        return inb, out
+
+    def _policy_selectors(self, p: ChildSaParams) -> list[tuple[Selector, str]]:
+        """(selector, dir) of the pair's policies: out local->remote, in (and fwd in tunnel
+        mode) remote->local; one set per TS pair of the same family (RFC 7296 §2.9)."""
+        locs = p.ts_local or ()
+        rems = p.ts_remote or ()
+        pairs = []
+        if not locs or not rems:
+            pairs.append(Selector.pair(p.local, p.remote))
+        else:
+            for tl in locs:
+                for tr in rems:
+                    if tl.version != tr.version:
+                        continue
+                    proto = tl.proto or tr.proto
+                    pairs.append(Selector(tl.network(), tr.network(), proto,
+                                          _single_port(tl), _single_port(tr)))
+        if not pairs:
+            raise ValueError("traffic selectors have no pair of one address family")
+        out = []
+        for sel in pairs:
+            out.append((sel, "out"))
+            out.append((sel.reversed(), "in"))
+            if p.mode is Mode.TUNNEL:
+                out.append((sel.reversed(), "fwd"))
+        return out
+
+    async def add_child_sa(self, params: ChildSaParams) -> None:
+        """Both SAs of the pair, then their policies (replacing a shunt on the pair). An SPI
+        from alloc_spi is filled in (UPDSA); the outbound SA carries the pair's ACQUIRE seq so
+        the kernel retires that larval state. On failure nothing of this pair stays."""
+        if params.reqid == 0:
+            params = replace(params, reqid=self.new_reqid())
+        if not self.own_reqid(params.reqid) or params.reqid in (self.trap_reqid,
+                                                                self.probe_reqid):
+            raise ValueError(f"reqid {params.reqid:#x} is outside the agent's band "
+                             f"{self.reqid_band.start:#x}..{self.reqid_band.stop - 2:#x}")
+        local, remote = _addr(params.local), _addr(params.remote)
+        inb, out = self._specs(params)
+        pols = self._policy_selectors(params)
+        done_sas: list[tuple] = []
+        done_pols: list[tuple] = []
+        try:
+            if (local, params.spi_in) in self._allocated:
+                try:
+                    await self.xfrm.add_sa(inb, update=True)
+                except XfrmError as e:  # the larval state timed out (xfrm_acq_expires)
+                    if e.errno not in (errno.ESRCH, errno.ENOENT):
+                        raise
+                    await self.xfrm.add_sa(inb)
+            else:
+                await self.xfrm.add_sa(inb)
+            done_sas.append((local, params.spi_in))
+            await self.xfrm.add_sa(out)
+            done_sas.append((remote, params.spi_out))
+            for sel, d in pols:
+                tmpl_src, tmpl_dst = (local, remote) if d == "out" else (remote, local)
+                fam = xfrm.family_of(tmpl_dst)
+                tmpl = Template(reqid=params.reqid, mode=params.mode, src=tmpl_src,
+                                dst=tmpl_dst, family=fam)
+                await self._install(sel, d, RANK_SA, "allow", (tmpl,))
+                done_pols.append((sel, d))
+        except BaseException:
+            for sel, d in done_pols:
+                await self._remove(sel, d)
+            for dst, spi in done_sas:
+                await self.xfrm.del_sa(dst, spi)
+            raise
+        self._allocated.discard((local, params.spi_in))
+        self._acquire_seq.pop((local, remote), None)
+        key = (local, remote, params.spi_in)
+        self._sas[key] = (params, pols)
+        self._pairs[(local, remote)] = ("sa", key)
+
+    async def del_child_sa(self, params: ChildSaParams) -> None:
+        """Remove the pair's policies (if still this SA's) and both SAs."""
+        local, remote = _addr(params.local), _addr(params.remote)
+        key = (local, remote, params.spi_in)
+        entry = self._sas.pop(key, None)
+        pols = entry[1] if entry else self._policy_selectors(params)
+        owns_out = entry is None or self._pairs.get((local, remote)) == ("sa", key)
+        for sel, d in pols:
+            if d != "out" or owns_out:  # a shunt set since then keeps its out policy
+                await self._remove(sel, d)
+        if owns_out and self._pairs.get((local, remote), ("",))[0] == "sa":
+            self._pairs.pop((local, remote), None)
+        await self.xfrm.del_sa(local, params.spi_in)
+        await self.xfrm.del_sa(remote, params.spi_out)
+
+    async def counters(self) -> list[SaCounters]:
+        """Bytes/packets of every own SA (larval states left out)."""
+        return [SaCounters(spi=sa.spi, dst=sa.dst, bytes=sa.bytes, packets=sa.packets,
+                           use_time=sa.use_time)
+                for sa in await self.xfrm.sas() if self.own_reqid(sa.reqid) and not sa.larval]
+
+    async def policies(self) -> list[Policy]:
+        return [p for p in await self.xfrm.policies() if self.own_policy(p)]
+
+    async def sas(self):
+        return [sa for sa in await self.xfrm.sas() if self.own_reqid(sa.reqid)]
+
+    # --- events -----------------------------------------------------------------------------
+    def _own_event(self, ev) -> bool:
+        if isinstance(ev, KernelAcquire):
+            return any(self.own_reqid(t.reqid) for t in ev.templates) or (
+                ev.priority in self.priority_band)
+        if isinstance(ev, SaExpire):
+            return self.own_reqid(ev.reqid) and ev.reqid != self.probe_reqid
+        if isinstance(ev, KernelPolicyExpire):
+            return ev.priority in self.priority_band
+        return True
+
+    def _note(self, ev) -> None:
+        if isinstance(ev, Acquire):
+            self._acquire_seq[(_addr(ev.src), _addr(ev.dst))] = ev.seq
+        elif isinstance(ev, PolicyExpire) and ev.hard:
+            if ev.src.num_addresses == 1 and ev.dst.num_addresses == 1:
+                pair = (ev.src.network_address, ev.dst.network_address)
+                if self._pairs.get(pair, ("",))[0] == "shunt":
+                    self._pairs.pop(pair, None)
+
+    async def _resync(self) -> list:
+        """After lost events: a larval state of ours is an ACQUIRE not yet seen; a shunt or SA
+        we track that the kernel no longer has expired (hard)."""
+        out: list = []
+        sas = await self.xfrm.sas()
+        have = {(sa.dst, sa.spi) for sa in sas}
+        for sa in sas:
+            if sa.larval and sa.spi == 0 and sa.reqid == self.trap_reqid:
+                sel = sa.sel
+                out.append(KernelAcquire(src=sel.src.network_address,
+                                         dst=sel.dst.network_address, proto=sel.proto,
+                                         sport=sel.sport, dport=sel.dport, seq=sa.seq,
+                                         selector=sel))
+        for (local, remote, spi_in), (params, _p) in list(self._sas.items()):
+            for dst, spi in ((local, spi_in), (remote, params.spi_out)):
+                if (dst, spi) not in have:
+                    out.append(SaExpire(spi=spi, dst=dst, hard=True, reqid=params.reqid))
+        pols = {(p.sel, p.dir) for p in await self.xfrm.policies() if self.own_policy(p)}
+        for (local, remote), owner in list(self._pairs.items()):
+            if owner[0] == "shunt":
+                sel = Selector.pair(local, remote)
+                if (sel, "out") not in pols:
+                    out.append(PolicyExpire(src=sel.src, dst=sel.dst, index=0, hard=True))
+        return out
+
+    async def events(self) -> AsyncIterator[Acquire | SaExpire | PolicyExpire]:
+        """ACQUIRE/EXPIRE/POLEXPIRE of the agent's own state, as model events; after an
+        overflow (ENOBUFS) the same, synthesised from a dump."""
+        if self._events is None:
+            raise RuntimeError("KernelDataplane.events() before start()")
+        while self._events is not None:
+            try:
+                m = await self._events.next()
+            except ConnectionError:
+                return
+            evs = await self._resync() if isinstance(m, EventsLost) else [event_from(m)]
+            for ev in evs:
+                if ev is None or not self._own_event(ev):
+                    continue
+                self._note(ev)
+                yield ev
+
+
+def _single_port(ts) -> int:
+    if ts.port_start == 0 and ts.port_end == 65535:
+        return 0
+    if ts.port_start == ts.port_end:
+        return ts.port_start
+    raise ValueError(f"port range {ts.port_start}-{ts.port_end}: XFRM selectors take one port "
+                     f"or any")
+
+
+async def run_probe() -> Capabilities:
+    """Probe this namespace's kernel without installing anything else."""
+    x = await Xfrm.open()
+    try:
+        return await probe(x, DEFAULT_REQID_BASE + REQID_COUNT - 1)
+    finally:
+        x.close()
+
+
+if __name__ == "__main__":  # python -m oe_agent.trap.dataplane: print the probe result
+    caps = asyncio.run(run_probe())
+    print(f"esp={caps.esp} algorithms={','.join(sorted(caps.algorithms)) or '-'} "
+          f"({caps.detail})")
