@@ -1,0 +1,154 @@
+"""asyncio UDP adapter around IkeEndpoint (aioquic's asyncio/protocol.py shape).
+
+One UDP socket per (address, port) for the IKE port (500) and the NAT-T port (4500). It feeds
+datagrams in (stripping the non-ESP marker on 4500, RFC 3948 §2.2), drains datagrams out
+(adding it back), re-arms one timer at the endpoint's next deadline, and hands each event to
+`on_event(sa, event)`. ESP-in-UDP packets arriving on 4500 go to `on_esp` (the userspace
+dataplane), and `send_esp` sends one. The clock is the event loop's (monotonic) time.
+"""
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+from typing import Callable
+
+from oe_agent.ike.events import IkeEvent
+from oe_agent.ike.message import classify_udp4500
+from oe_agent.ike.sa import IkeConfig, IkeEndpoint, IkeSa
+
+UDP_ENCAP = 100  # linux/udp.h
+UDP_ENCAP_ESPINUDP = 2
+
+
+class _Socket(asyncio.DatagramProtocol):
+    def __init__(self, adapter: "IkeAdapter", local: tuple[ipaddress._BaseAddress, int]):
+        self.adapter = adapter
+        self.local = local
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr) -> None:
+        self.adapter._received(self, data, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        self.adapter.errors.append(f"{self.local}: {exc}")  # ICMP unreachable and the like
+
+
+class IkeAdapter:
+    """Runs an IkeEndpoint on real UDP sockets bound to `addresses`.
+
+    `responder_config(local, remote) -> IkeConfig | None` decides whether a new IKE_SA_INIT
+    is answered (None = dropped). `udp_encap=True` asks the kernel to take ESP-in-UDP on the
+    4500 sockets itself (kernel XFRM dataplane); IKE still arrives here.
+    """
+
+    def __init__(self, addresses, responder_config: Callable[..., IkeConfig | None],
+                 on_event: Callable[[IkeSa, IkeEvent], None], *, rng=None,
+                 ike_port: int = 500, natt_port: int = 4500, cookie_threshold: int | None = 10,
+                 on_esp: Callable[[bytes, tuple, tuple], None] | None = None,
+                 udp_encap: bool = False):
+        import os
+
+        self.addresses = [ipaddress.ip_address(a) for a in addresses]
+        self.endpoint = IkeEndpoint(rng or os.urandom, responder_config, cookie_threshold)
+        self.on_event = on_event
+        self.on_esp = on_esp
+        self.ike_port, self.natt_port = ike_port, natt_port
+        self.udp_encap = udp_encap
+        self.errors: list[str] = []
+        self._sockets: dict[tuple, _Socket] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # --- lifecycle ---------------------------------------------------------------------
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        for addr in self.addresses:
+            for port in (self.ike_port, self.natt_port):
+                family = socket.AF_INET6 if addr.version == 6 else socket.AF_INET
+                sock = socket.socket(family, socket.SOCK_DGRAM)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if port == self.natt_port and self.udp_encap:
+                    sock.setsockopt(socket.IPPROTO_UDP, UDP_ENCAP, UDP_ENCAP_ESPINUDP)
+                sock.bind((str(addr), port))
+                proto = _Socket(self, (addr, port))
+                await self._loop.create_datagram_endpoint(lambda p=proto: p, sock=sock)
+                self._sockets[(addr, port)] = proto
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for s in self._sockets.values():
+            if s.transport is not None:
+                s.transport.close()
+        self._sockets.clear()
+
+    async def __aenter__(self) -> "IkeAdapter":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.close()
+
+    # --- driving -----------------------------------------------------------------------
+    def now(self) -> float:
+        return (self._loop or asyncio.get_event_loop()).time()
+
+    def connect(self, config: IkeConfig, local, remote, remote_port: int | None = None) -> IkeSa:
+        sa = self.endpoint.connect(config, local, remote, self.now(), remote_port)
+        self.flush()
+        return sa
+
+    def act(self, fn: Callable[[float], None]) -> None:
+        """Run an IkeSa call with the current time, then send what it produced, e.g.
+        `adapter.act(lambda now: sa.rekey_child(spi, now))`."""
+        fn(self.now())
+        self.flush()
+
+    def send_esp(self, packet: bytes, local: tuple, remote: tuple) -> None:
+        """One ESP-in-UDP packet (RFC 3948) from our NAT-T socket at local=(addr, port)."""
+        s = self._sockets.get((ipaddress.ip_address(local[0]), local[1]))
+        if s is not None and s.transport is not None:
+            s.transport.sendto(packet, (str(remote[0]), remote[1]))
+
+    def _received(self, sock: _Socket, data: bytes, addr) -> None:
+        addr_ip = ipaddress.ip_address(addr[0].split("%")[0])
+        local = sock.local
+        if local[1] == self.natt_port and self.natt_port != self.ike_port:
+            kind, body = classify_udp4500(data)
+            if kind == "esp":
+                if self.on_esp is not None:
+                    self.on_esp(body, local, (addr_ip, addr[1]))
+                return
+            if kind != "ike":
+                return  # a NAT keepalive or junk
+            data = body
+        self.endpoint.receive_datagram(data, local, (addr_ip, addr[1]), self.now())
+        self.flush()
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self.endpoint.handle_timer(self.now())
+        self.flush()
+
+    def flush(self) -> None:
+        """Send what the endpoint produced, deliver its events, re-arm the one timer."""
+        now = self.now()
+        for d in self.endpoint.datagrams_to_send(now):
+            s = self._sockets.get((d.local, d.local_port))
+            if s is None or s.transport is None:
+                self.errors.append(f"no socket for {d.local}:{d.local_port}")
+                continue
+            s.transport.sendto(d.wire(), (str(d.remote), d.remote_port))
+        while (item := self.endpoint.next_event()) is not None:
+            self.on_event(*item)
+        when = self.endpoint.get_timer()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if when is not None and self._loop is not None:
+            self._timer = self._loop.call_at(max(when, now), self._on_timer)
