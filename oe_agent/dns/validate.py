@@ -139,11 +139,15 @@ class Validator:
         """SECURE or INSECURE for one rrset, or raise Bogus. `ds_side`: a DS rrset, whose zone
         is the parent's (RFC 4035 §5.2)."""
         where = rrset.name.parent() if ds_side and len(rrset.name) > 1 else rrset.name
-        if self.anchor_for(where) is None:
+        anchor = self.anchor_for(where)
+        if anchor is None:
             return INSECURE
-        signers = {s.signer for s in (sigs or []) if where.is_subdomain(s.signer)}
+        # only a zone at or below the anchor may sign here (a signer above it would be a
+        # way around the anchor)
+        signers = {s.signer for s in (sigs or [])
+                   if where.is_subdomain(s.signer) and s.signer.is_subdomain(anchor)}
         if not signers:
-            zone = await self.zone_of(where)
+            zone = await self.proof_zone(where)
             if await self.zone_keys(zone) is None:
                 return INSECURE
             raise Bogus(f"{rrset.name} {dns.rdatatype.to_text(rrset.rdtype)}: no RRSIG "
@@ -174,6 +178,16 @@ class Validator:
                     self._zone_of[name] = rrset.name
                     return rrset.name
         raise Bogus(f"cannot find the zone of {name}: no SOA in the answer")
+
+    async def proof_zone(self, where: dns.name.Name) -> dns.name.Name:
+        """The zone whose keys must have signed data at `where`; never above the anchor (an
+        unsigned SOA could claim any apex: only a validated insecure delegation below the
+        anchor can make data there insecure)."""
+        zone = await self.zone_of(where)
+        anchor = self.anchor_for(where)
+        if anchor is not None and not zone.is_subdomain(anchor):
+            return anchor
+        return zone
 
     async def zone_keys(self, zone: dns.name.Name) -> dns.rrset.RRset | None:
         """The zone's validated DNSKEY rrset, None if the zone is provably insecure."""
@@ -245,17 +259,20 @@ class Validator:
                    None)
         ds_side = qtype == DS
         where = qname.parent() if ds_side and len(qname) > 1 else qname
+        anchor = self.anchor_for(where)
         if soa is None:
-            if self.anchor_for(where) is None:
+            if anchor is None:
                 return INSECURE, 0
-            zone = await self.zone_of(where)
-            if await self.zone_keys(zone) is None:
+            if await self.zone_keys(await self.proof_zone(where)) is None:
                 return INSECURE, 0
             raise Bogus(f"{qname}: negative answer without SOA")
         ttl = min(soa.ttl, soa[0].minimum)
         zone = soa.name
-        if self.anchor_for(zone) is None:
+        if anchor is None:
             return INSECURE, ttl
+        if not zone.is_subdomain(anchor):
+            raise Bogus(f"{qname}: negative answer claims zone {zone}, above the trust "
+                        f"anchor {anchor}")
         if await self.rrset(soa, sigs_for([msg.authority], soa)) == INSECURE:
             return INSECURE, ttl
         keys = await self.zone_keys(zone)
@@ -301,10 +318,12 @@ def _nsec_proves(zone, nsecs, qname, qtype, nxdomain) -> bool:
                 t = _bitmap(r[0])
                 if qtype in t or CNAME in t:
                     return False
-                if qtype == DS:
-                    return True
-                # at a delegation (NS without SOA) only DS can be denied by the parent side
-                return not (NS in t and SOA not in t)
+                delegation = NS in t and SOA not in t
+                # "no DS" proves an insecure delegation only at a cut (RFC 4035 §5.2); other
+                # types at a cut belong to the child, so the parent's NSEC cannot deny them
+                return delegation if qtype == DS else not delegation
+        if qtype == DS:
+            return False  # an empty non-terminal is no zone cut
         # empty non-terminal: an NSEC covers qname and its next name lies below qname
         return any(_covers(r.name, r[0].next, qname) and r[0].next.is_subdomain(qname)
                    for r in nsecs)
@@ -362,7 +381,10 @@ def _nsec3_proves(zone, nsec3s, qname, qtype, nxdomain) -> bool:
         m = match(qname)
         if m is not None:
             t = _bitmap(m[2])
-            return qtype not in t and CNAME not in t
+            if qtype in t or CNAME in t:
+                return False
+            delegation = NS in t and SOA not in t
+            return delegation if qtype == DS else not delegation
         if qtype != DS:
             return False
     # closest encloser proof (§8.3)

@@ -202,3 +202,35 @@ async def test_ttl_never_outlives_the_signatures(server):
     r = _resolver(server, now=lambda: time.time() + 14 * 86400 - 10)
     a = await r.lookup("rsa.oe.example")
     assert a.status == "secure-key" and a.ttl <= 10
+
+
+class _Liar:
+    """Wraps the server's answers like an on-path attacker who strips signatures."""
+
+    def __init__(self, server, fake_apex: str):
+        self.server, self.fake_apex = server, fake_apex
+        self.real_answer = server.answer
+        server.answer = self.answer
+
+    def answer(self, query):
+        import dns.rdatatype
+        import dns.rrset
+        resp = self.real_answer(query)
+        q = query.question[0]
+        if q.rdtype == dns.rdatatype.IPSECKEY:  # strip every RRSIG
+            resp.answer = [r for r in resp.answer if r.rdtype != dns.rdatatype.RRSIG]
+        if q.rdtype == dns.rdatatype.SOA and q.name.to_text().startswith("ed25519."):
+            soa = dns.rrset.from_text(self.fake_apex, 60, "IN", "SOA",
+                                      "ns. h. 1 3600 600 86400 30")
+            resp.answer, resp.authority = [], [soa]
+            resp.set_rcode(0)
+        return resp
+
+
+@pytest.mark.parametrize("fake_apex", ["example.", "ed25519.oe.example."])
+async def test_stripped_signatures_are_bogus_not_insecure(server, fake_apex):
+    """A zone apex claimed above the anchor, or a fake cut with no NS, must not make the
+    stripped answer look insecure (a downgrade)."""
+    _Liar(server, fake_apex)
+    a = await _resolver(server).lookup("ed25519.oe.example")
+    assert a.status == "bogus", a.reason
