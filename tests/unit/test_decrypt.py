@@ -2,16 +2,21 @@
 raw ESP (transport, AES-CBC+HMAC, IPv6) decode; every bad input is one line, exit 2."""
 from __future__ import annotations
 
+import io
 import os
 import struct
 
 import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from oe_agent.cli import main
 from oe_agent.ike.const import IntegId
 from oe_agent.ike.crypto import INTEGS
-from oe_agent.ike.pcap import read_frames
+from oe_agent.ike.decrypt import decrypt_capture
+from oe_agent.ike.keylog import read_keylog
+from oe_agent.ike.pcap import CaptureError, ip_of, read_frames
 from tests.conftest import SHARED, needs
 
 VECTORS = SHARED / "vectors"
@@ -141,3 +146,39 @@ def test_bad_input_is_one_line(vectors, tmp_path, capsys, make, words):
     rc, out, err = run(capsys, pcap, "--keylog", keys)
     assert rc == 2 and words in err
     assert err.count("\n") == 1 and err.startswith("oe-agent: ") and "Traceback" not in err
+
+
+def _ipv4_udp(sport, dport, payload):
+    udp = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
+    return (struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0, 64, 17, 0,
+                        bytes([192, 0, 2, 1]), bytes([192, 0, 2, 2])) + udp)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([(500, 500), (4500, 4500), (4500, 34567)]),
+                          st.binary(max_size=120)), max_size=4),
+       st.sampled_from([b"", b"\0\0\0\0", b"\x08\xcd\x53\x82", b"\x02\x9c\x6d\xdd"]))
+def test_any_udp_content_never_crashes_decrypt(frames, prefix):
+    """Whatever rides on the IKE/NAT-T ports, decrypt prints something and goes on."""
+    needs(KEYS.exists(), f"test vectors in {VECTORS}")
+    keys = read_keylog(KEYS)
+    pcap = io.BytesIO()
+    pcap.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 101))
+    for (sport, dport), data in frames:
+        pkt = _ipv4_udp(sport, dport, prefix + data)
+        pcap.write(struct.pack("<IIII", 0, 0, len(pkt), len(pkt)) + pkt)
+    pcap.seek(0)
+    out = io.StringIO()
+    summary = decrypt_capture(pcap, keys, out)
+    assert summary.ike + summary.esp <= len(frames)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.sampled_from([b"\xd4\xc3\xb2\xa1", b"\xa1\xb2\xc3\xd4", b"\x0a\x0d\x0d\x0a", b""]),
+       st.binary(max_size=300))
+def test_garbage_captures_raise_only_capture_error(magic, rest):
+    try:
+        for frame in read_frames(io.BytesIO(magic + rest)):
+            ip_of(frame)
+    except CaptureError:
+        pass
