@@ -6,14 +6,13 @@ RFC 3948 port-4500 split and raw ESP sockets; tun.py = the `oe0` device; datapla
 `UserspaceDataplane`, an oe_agent.model.Dataplane; static.py = manual keys (`python -m
 oe_agent.esp CONFIG.json`).
 
-Wiring with the IKE adapter (it owns UDP 4500, which IKE and ESP share):
+Wiring with the IKE adapter (oe_agent.ike.adapter.IkeAdapter owns UDP 4500, which IKE and ESP
+share, and splits it by the non-ESP marker, RFC 3948 §2.2):
     dp = UserspaceDataplane(own_udp=False)     # do not bind 4500 ourselves
-    dp.attach_udp(sendto)                      # sendto(data: bytes, (host: str, port: int)):
-                                               #   the adapter's 4500 socket sends ESP for us
-    await dp.start()
-    # in the adapter's datagram_received on 4500 (RFC 3948 §2.2):
-    #   first 4 bytes zero -> IKE (strip the marker); a lone 0xff -> NAT keepalive; else ESP:
-    dp.esp_received(data, addr)                # whole datagram = SPI .. ICV
+    ike = IkeAdapter(..., on_esp=dp.on_esp)    # on_esp(data, (local, port), (remote, port))
+    dp.attach_udp(ike.send_esp)                # send_esp(data, (local, port), (remote, port))
+    await ike.start(); await dp.start()
+(`dp.esp_received(data, (host, port))` is the same entry point for any other socket owner.)
 Without an adapter (tests, the benchmark), `own_udp=True` (default) binds 4500 itself
 (udp.UdpEncap) and makes the same split. Our own traffic (IKE ports 500/4500, ESP, packets we
 re-inject in the clear with SO_MARK 0x4f45) always takes the main table, never oe0.

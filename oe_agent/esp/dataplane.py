@@ -41,7 +41,7 @@ ACQUIRE_EXPIRES = 30.0  # like XFRM_ACQ_EXPIRES: one Acquire per destination per
 # trailer 2 + ICV 16 = 105; the oe0 MTU keeps local packets within the underlay MTU.
 MAX_OVERHEAD = 105
 
-Sender = Callable[[bytes, tuple], None]
+Sender = Callable[[bytes, tuple, tuple], None]  # (data, (local, port), (remote, port))
 
 
 @dataclass
@@ -163,7 +163,8 @@ class UserspaceDataplane:
             except OSError as e:
                 raise UserError(f"cannot bind UDP port {self.udp_port} for ESP-in-UDP: "
                                 f"{e.strerror} (is an IKE daemon using it?)") from None
-            self._udp_send = self._udp.sendto
+            udp = self._udp
+            self._udp_send = lambda data, local, remote: udp.sendto(data, remote)
         self._loop.add_reader(self._tun.fd, self._tun_readable)
         self._timer = asyncio.create_task(self._timer_loop())
 
@@ -200,10 +201,15 @@ class UserspaceDataplane:
         self._sa_host.clear()
         self._sa_nets.clear()
 
-    def attach_udp(self, sendto: Sender) -> None:
-        """Use the IKE adapter's port-4500 socket to send ESP-in-UDP: `sendto(data, (host,
-        port))`. The adapter passes ESP datagrams it receives to `esp_received`."""
-        self._udp_send = sendto
+    def attach_udp(self, send_esp: Sender) -> None:
+        """Send ESP-in-UDP through the IKE adapter's port-4500 sockets:
+        `send_esp(data, (local addr, port), (remote addr, port))` (IkeAdapter.send_esp). The
+        adapter hands ESP it receives to `on_esp` (IkeAdapter(on_esp=dataplane.on_esp))."""
+        self._udp_send = send_esp
+
+    def on_esp(self, data: bytes, local: tuple, remote: tuple) -> None:
+        """IkeAdapter's on_esp callback: an ESP datagram (marker split done) from `remote`."""
+        self.esp_received(data, (str(remote[0]), remote[1]))
 
     # --- rules and routes --------------------------------------------------------------------
 
@@ -509,7 +515,7 @@ class UserspaceDataplane:
             if self._udp_send is None:
                 self.stats["no-udp-socket"] += 1
                 return
-            self._udp_send(esp, sa.peer)
+            self._udp_send(esp, sa.local_ep, sa.peer)
         else:
             self._raw.sendto(esp, sa.peer)
         if sa.outbound.events:

@@ -405,6 +405,7 @@ class ChildSa:
         self.ts_remote = params.ts_remote or (TrafficSelector.host(params.remote),)
         # where a socket sends this SA's packets: (host, UDP port or 0 for raw ESP)
         self.peer = (str(params.remote), params.encap[1] if params.encap else 0)
+        self.local_ep = (str(params.local), params.encap[0] if params.encap else 0)
         self._sel_local = _selectors(self.ts_local)
         self._sel_remote = _selectors(self.ts_remote)
 

@@ -3,9 +3,9 @@
 One UDP port carries both IKE and ESP (RFC 3948 §2): IKE messages start with the 4-byte zero
 non-ESP marker, a lone 0xFF byte is a NAT keepalive (§2.3), anything else is ESP (its SPI is
 never 0). The IKE adapter owns the 4500 socket when the agent runs; it hands ESP datagrams to the
-dataplane with `UserspaceDataplane.esp_received(data, addr)` and lends its send function with
-`UserspaceDataplane.attach_udp(sendto)`. `UdpEncap` is the same split on a socket of our own,
-for a dataplane running without IKE (static keys, tests, the benchmark).
+dataplane (`IkeAdapter(on_esp=UserspaceDataplane.on_esp)`) and lends its send function
+(`UserspaceDataplane.attach_udp(IkeAdapter.send_esp)`). `UdpEncap` is the same split on a socket
+of our own, for a dataplane running without IKE (static keys, tests, the benchmark).
 """
 from __future__ import annotations
 

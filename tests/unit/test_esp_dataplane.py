@@ -86,8 +86,10 @@ def wired():
     clock = Clock()
     a, b = make_dp(clock), make_dp(clock)
     wire: list[tuple[str, bytes, tuple]] = []
-    a.attach_udp(lambda d, addr: (wire.append(("a->b", d, addr)), b.esp_received(d, (str(A), 4500))))
-    b.attach_udp(lambda d, addr: (wire.append(("b->a", d, addr)), a.esp_received(d, (str(B), 4500))))
+    a.attach_udp(lambda d, local, addr: (wire.append(("a->b", d, addr)),
+                                         b.on_esp(d, (B, 4500), (A, 4500))))
+    b.attach_udp(lambda d, local, addr: (wire.append(("b->a", d, addr)),
+                                         a.on_esp(d, (A, 4500), (B, 4500))))
     return clock, a, b, wire
 
 
