@@ -9,10 +9,15 @@ outbound), algorithms, mode and encapsulation.
 """
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from tests.interop.peers.charon import child_keys, established, hold_half_open, host_conn, sole_child
 from tests.interop.peers.engine import EnginePeer
+from tests.interop.peers.wire import canary_seen, read_pcap
+
+CANARY = b"oe-agent-canary!"  # 16 bytes: ping -p repeats it through the payload
 
 # (charon IKE proposal, charon ESP proposal, expected engine/charon algorithm names)
 SUITES = {
@@ -254,3 +259,50 @@ def test_cookie_from_charon(hosts, charon, keypair):
     log = c.log_text()
     assert f"sending COOKIE notify to {engine.config.local}" in log
     assert "parsed IKE_SA_INIT request 0 [ N(COOKIE) " in log
+
+
+@pytest.mark.parametrize("engine_initiates", [True, False], ids=["engine-init", "charon-init"])
+def test_float_to_4500_on_the_wire(hosts, charon, keypair, engine_initiates):
+    """IKE_SA_INIT on 500, everything after it on 4500 behind the non-ESP marker, both ways
+    (RFC 7296 §2.23; charon floats because kernel-libipsec fakes a NAT, the engine follows)."""
+    engine, c = setup_pair(hosts, charon, keypair, "ed25519", "x25519-gcm")
+    tcpdump, pcap = hosts.capture(engine.host, "udp port 500 or udp port 4500", name="float")
+    engine.start()
+    if engine_initiates:
+        engine.send("initiate")
+    else:
+        c.initiate("oe-host", "oe")
+    engine.wait_event("ChildSaEstablished")
+    settled(c, "established")
+    engine.host.stop(tcpdump)
+    ike = [p for p in read_pcap(pcap) if p.is_ike]
+    exchange = [(p.payload[4:] if p.dport == 4500 or p.sport == 4500 else p.payload)[18]
+                for p in ike]
+    sa_init = [p for p, x in zip(ike, exchange) if x == 34]
+    later = [p for p, x in zip(ike, exchange) if x != 34]
+    assert sa_init and all(p.sport == p.dport == 500 for p in sa_init)
+    assert later and all(p.sport == p.dport == 4500 for p in later)
+    senders = {p.src for p in later}
+    assert senders == {engine.config.local, engine.config.remote}  # both sides floated
+
+
+def test_engine_keys_decrypt_charons_esp(hosts, charon, keypair):
+    """charon's ESP-in-UDP towards the engine opens with the engine's KEYMAT: the engine's key
+    log (Wireshark esp_sa lines) + `oe-agent decrypt` show the plaintext canary."""
+    engine, c = setup_pair(hosts, charon, keypair, "ed25519", "x25519-gcm")
+    engine.start()
+    engine.send("initiate")
+    p = engine.wait_event("ChildSaEstablished")["params"]
+    settled(c, "established")
+    tcpdump, pcap = hosts.capture(engine.host, "udp port 4500", name="esp")
+    # the engine has no dataplane here: charon's pings go unanswered, but they are on the wire
+    c.host.run("ping", "-c", "2", "-i", "0.2", "-W", "1", "-p", CANARY.hex(), engine.config.local,
+               check=False)
+    engine.host.stop(tcpdump)
+    esp = [x for x in read_pcap(pcap) if x.is_esp_in_udp]
+    assert esp and {x.payload[:4].hex() for x in esp} == {spi_hex(p["spi_in"])}
+    assert not canary_seen(pcap, CANARY)
+    out = engine.host.run(sys.executable, "-m", "oe_agent", "decrypt", str(pcap),
+                          "--keylog", engine.config.keylog, check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert CANARY.decode() in out.stdout.replace("\n", "") or CANARY.hex() in out.stdout, out.stdout
