@@ -45,9 +45,8 @@ DEFAULTS: dict[str, Any] = {
     "ike": {
         "port": 500,
         "natt_port": 4500,
-        "proposals": ["aes256gcm16-prfsha256-x25519", "aes128gcm16-prfsha256-ecp256",
-                      "aes256-sha256-prfsha256-modp2048", "chacha20poly1305-prfsha256-x25519"],
-        "esp_proposals": ["aes256gcm16", "aes128gcm16", "aes256-sha256", "chacha20poly1305"],
+        "proposals": [],                      # empty = the engine's defaults (product.md §5)
+        "esp_proposals": [],
         "ike_lifetime": 14400,
         "child_lifetime": 3600,
         "rekey_margin": 540,                  # rekey this long before the hard lifetime
@@ -71,10 +70,6 @@ DEFAULTS: dict[str, Any] = {
     },
 }
 
-_PROPOSAL_ENCR = {"aes128gcm16", "aes256gcm16", "aes128", "aes256", "chacha20poly1305"}
-_PROPOSAL_INTEG = {"sha256"}
-_PROPOSAL_PRF = {"prfsha256", "prfsha384", "prfsha512"}
-_PROPOSAL_DH = {"x25519", "ecp256", "modp2048"}
 
 
 @dataclass(frozen=True)
@@ -110,8 +105,8 @@ class Config:
     insecure_private_or_clear: bool
     ike_port: int
     natt_port: int
-    proposals: tuple[tuple[str, ...], ...]
-    esp_proposals: tuple[tuple[str, ...], ...]
+    proposals: tuple[str, ...]       # strongSwan syntax; empty = engine defaults
+    esp_proposals: tuple[str, ...]
     ike_lifetime: int
     child_lifetime: int
     rekey_margin: int
@@ -179,28 +174,18 @@ def _kind_name(kind) -> str:
     return " or ".join(names.get(k, k.__name__) for k in kinds)
 
 
-def _proposal(r: _Reader, key: str, text: Any, esp: bool) -> tuple[str, ...]:
-    """strongSwan-style proposal text: 'aes256gcm16-prfsha256-x25519', 'aes256-sha256'."""
+def _proposal(r: _Reader, key: str, text: Any, esp: bool) -> str:
+    """strongSwan-style proposal text, checked by the IKE engine's own parser."""
+    from oe_agent.ike.const import ProtocolId
+    from oe_agent.ike.proposal import parse_proposal
+
     if not isinstance(text, str) or not text:
         r.fail(key, f"{text!r} is not a proposal string")
-    parts = tuple(text.lower().split("-"))
-    encr = parts[0]
-    if encr not in _PROPOSAL_ENCR:
-        r.fail(key, f"{text!r}: unknown encryption {encr!r} (known: {', '.join(sorted(_PROPOSAL_ENCR))})")
-    rest = list(parts[1:])
-    aead = "gcm" in encr or "poly1305" in encr
-    if not aead:
-        if not rest or rest[0] not in _PROPOSAL_INTEG:
-            r.fail(key, f"{text!r}: {encr} needs an integrity algorithm (sha256)")
-        rest.pop(0)
-    if esp:
-        if rest:
-            r.fail(key, f"{text!r}: ESP proposals name only encryption[-integrity]")
-        return parts
-    if len(rest) != 2 or rest[0] not in _PROPOSAL_PRF or rest[1] not in _PROPOSAL_DH:
-        r.fail(key, f"{text!r}: expected ENCR[-INTEG]-PRF-DH, PRF one of "
-                    f"{', '.join(sorted(_PROPOSAL_PRF))}, DH one of {', '.join(sorted(_PROPOSAL_DH))}")
-    return parts
+    try:
+        parse_proposal(text, ProtocolId.ESP if esp else ProtocolId.IKE)
+    except ValueError as e:
+        r.fail(key, str(e))
+    return text
 
 
 def load(path: str | Path) -> Config:
@@ -311,9 +296,9 @@ def parse(text: str, path: Path | str = "<config>") -> Config:
         insecure_private_or_clear=d.get("insecure_private_or_clear", bool),
         ike_port=port,
         natt_port=natt,
-        proposals=tuple(_proposal(k, "proposals", t, esp=False) for t in _nonempty(k, "proposals")),
+        proposals=tuple(_proposal(k, "proposals", t, esp=False) for t in k.get("proposals", list)),
         esp_proposals=tuple(_proposal(k, "esp_proposals", t, esp=True)
-                            for t in _nonempty(k, "esp_proposals")),
+                            for t in k.get("esp_proposals", list)),
         ike_lifetime=ike_lt,
         child_lifetime=child_lt,
         rekey_margin=margin,
@@ -325,13 +310,6 @@ def parse(text: str, path: Path | str = "<config>") -> Config:
         lifetimes=lifetimes,
         peers=tuple(peers),
     )
-
-
-def _nonempty(r: _Reader, key: str) -> list:
-    v = r.get(key, list)
-    if not v:
-        r.fail(key, "must list at least one proposal")
-    return v
 
 
 def _is_id(text: str) -> bool:

@@ -49,12 +49,12 @@ def _optional(module: str):
 
 async def make_dataplane(cfg: Config):
     """auto: kernel ESP if the probe finds it, else userspace; or what the config forces."""
-    kernel = _optional("oe_agent.trap.dataplane")
+    kernel = _optional("oe_agent.trap")
     choice = cfg.dataplane
     if choice == "auto":
         choice = "userspace"
         if kernel is not None:
-            caps = await kernel.probe()
+            caps = await kernel.run_probe()
             if caps.esp:
                 choice = "kernel"
             else:

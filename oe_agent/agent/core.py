@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import dataclasses
 import heapq
 import ipaddress
 import itertools
@@ -34,7 +33,6 @@ from oe_agent.model import (Acquire, Capabilities, ChildSaParams, Dataplane, IPA
 log = logging.getLogger(__name__)
 
 UNAUTHENTICATED = "unauthenticated"  # the marker supply_peer_keys takes for AUTH_NULL (RFC 7619)
-REQID_BASE = 0x0E0A0000              # the agent's reqid band (product.md §6)
 HISTORY = 32                         # negotiation history lines kept per peer
 
 
@@ -139,6 +137,7 @@ class Peer:
     keys_needed: set = field(default_factory=set)   # ike_ids waiting for keys
     negotiations: set = field(default_factory=set)  # ike_ids in flight
     children: dict[int, ChildSaParams] = field(default_factory=dict)  # by spi_in
+    child_ike: dict[int, Any] = field(default_factory=dict)  # spi_in -> the IKE SA it is on
     auth: str = ""              # how the SA's peer was authenticated, in words
     up_since: float = 0.0
     last_bytes: int = -1
@@ -173,7 +172,6 @@ class Agent:
         self.queue: asyncio.Queue = asyncio.Queue()
         self._timers: list[tuple[float, int, str, IPAddress]] = []
         self._seq = itertools.count()
-        self._reqids = itertools.count(REQID_BASE + 1)
         self._tasks: set[asyncio.Task] = set()
         self._stopping = False
         self.metrics = collections.Counter()
@@ -353,8 +351,12 @@ class Agent:
     async def _on_child_gone(self, ev: ChildGone) -> None:
         p = self._peer(ev.remote)
         p.negotiations.discard(ev.ike_id)
-        gone = list(p.children.values()) if ev.spi_in is None else \
-            [c for c in (p.children.get(ev.spi_in),) if c]
+        if ev.spi_in is not None:
+            gone = [c for c in (p.children.get(ev.spi_in),) if c]
+        elif ev.ike_id is not None:  # that IKE SA's children only
+            gone = [c for c in p.children.values() if p.child_ike.get(c.spi_in) == ev.ike_id]
+        else:
+            gone = list(p.children.values())
         for c in gone:
             await self._del_child(p, c)
         if gone:
@@ -525,13 +527,14 @@ class Agent:
         self.shunts.count_packet(p.remote)
 
     async def _do_install(self, p: Peer, ev: ChildUp, prev):
-        params = self._with_reqid(ev.params)
+        params = ev.params  # reqid 0: the dataplane takes one from its own band
         await self.dataplane.add_child_sa(params)
         if p.remote in self.shunts:
             self.shunts.remove(p.remote)
             await self.dataplane.clear_shunt(params.local, p.remote)
         self.shunts.succeeded(p.remote)
         p.children[params.spi_in] = params
+        p.child_ike[params.spi_in] = ev.ike_id
         p.local = params.local
         now = self.clock()
         p.up_since, p.last_active, p.last_bytes = now, now, -1
@@ -543,15 +546,20 @@ class Agent:
         self._arm_idle(p, now)
 
     async def _do_replace(self, p: Peer, ev: ChildUp | ChildRekeyed, prev):
-        params = self._with_reqid(ev.params)
+        """A rekey replaces the old SA at once (RFC 7296 §2.8: install new, then delete old).
+        A second IKE SA's Child SA (crossing initiations, or a restarted peer) is installed
+        beside the old one; the old goes when its IKE SA is deleted (the engine's tie-break,
+        the peer's Delete, or liveness)."""
+        params = ev.params
         await self.dataplane.add_child_sa(params)
-        old = [ev.old_spi_in] if isinstance(ev, ChildRekeyed) else list(p.children)
         p.children[params.spi_in] = params
-        for spi in old:
-            c = p.children.get(spi)
-            if c is not None and spi != params.spi_in:
-                await self._del_child(p, c)
-        if isinstance(ev, ChildUp):
+        p.child_ike[params.spi_in] = ev.ike_id
+        if isinstance(ev, ChildRekeyed):
+            old = p.children.get(ev.old_spi_in)
+            if old is not None and ev.old_spi_in != params.spi_in:
+                p.child_ike[params.spi_in] = p.child_ike.get(ev.old_spi_in, ev.ike_id)
+                await self._del_child(p, old)
+        else:
             p.auth = self._auth_words(p, ev.auth)
         p.history.append((self.clock(), f"Child SA {'rekeyed' if isinstance(ev, ChildRekeyed) else 're-established'}: "
                           f"in {params.spi_in:08x} out {params.spi_out:08x}"))
@@ -613,13 +621,11 @@ class Agent:
 
     async def _del_child(self, p: Peer, c: ChildSaParams) -> None:
         p.children.pop(c.spi_in, None)
+        p.child_ike.pop(c.spi_in, None)
         try:
             await self.dataplane.del_child_sa(c)
         except Exception as e:  # already gone (hard expire) is fine
             log.debug("del_child_sa %08x: %s", c.spi_in, e)
-
-    def _with_reqid(self, params: ChildSaParams) -> ChildSaParams:
-        return params if params.reqid else dataclasses.replace(params, reqid=next(self._reqids))
 
     def _negotiation_kind(self, p: Peer) -> ShuntKind:
         g = p.group.group if p.group else ""

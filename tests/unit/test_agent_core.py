@@ -77,7 +77,6 @@ async def test_initiator_dns_in_parallel_then_keys_then_install():
     await agent.handle(ChildUp(POC, child(POC), ike_id=1))
     assert agent.peers[POC].state is PeerState.UP
     assert (LOCAL, POC) not in dp.shunts and set(dp.sas) == {0x100}
-    assert dp.sas[0x100].reqid != 0  # from the agent's band
     assert "authenticated (DNSSEC key)" in agent.explain(POC, clock())["now"]
 
 
@@ -264,12 +263,27 @@ async def test_peer_dead_removes_sas_and_next_packet_renegotiates():
     assert set(dp.sas) == {0x500}
 
 
-async def test_peer_restart_new_ike_replaces_old_sa():
+async def test_peer_restart_new_ike_sa_then_old_one_goes():
     agent, dp, ike, res, clock, _ = await started(answers={rev(POC): Answer("secure-key", (a_key(),))})
     await up(agent, POC)
     await agent.handle(IkeRequest(POC, LOCAL, ike_id="new"))
     await agent.handle(ChildUp(POC, child(POC, 0x700, 0x701), ike_id="new"))
-    assert set(dp.sas) == {0x700}
+    assert set(dp.sas) == {0x100, 0x700}  # the new pair is in at once
+    # the old IKE SA dies (liveness, the peer's Delete, or the tie-break): only its SAs go
+    await agent.handle(ChildGone(POC, None, reason="dead-peer", ike_id=1))
+    assert set(dp.sas) == {0x700} and agent.peers[POC].state is PeerState.UP
+
+
+async def test_crossing_initiations_loser_deleted_keeps_winner():
+    agent, dp, ike, res, clock, _ = await started(answers={rev(POC): Answer("secure-key", (a_key(),))})
+    await acquire(agent, POC)                                   # ours: IKE SA 1
+    await agent.handle(IkeRequest(POC, LOCAL, ike_id="theirs"))
+    await agent.handle(ChildUp(POC, child(POC, 0x100, 0x101), ike_id=1))
+    await agent.handle(ChildUp(POC, child(POC, 0x200, 0x201), ike_id="theirs"))
+    # the engine's tie-break deletes one IKE SA with its Child SA; either may lose
+    await agent.handle(ChildGone(POC, 0x100, reason="ike-deleted", ike_id=1))
+    await agent.handle(ChildGone(POC, None, reason="superseded", ike_id=1))
+    assert set(dp.sas) == {0x200} and agent.peers[POC].state is PeerState.UP
 
 
 async def test_hard_expire_of_last_sa_restores_trap():

@@ -54,7 +54,7 @@ def test_spec_example_loads(tmp_path):
     assert c.negotiation_shunt == {"private-or-clear": ShuntKind.HOLD, "private": ShuntKind.HOLD}
     assert c.failure_shunt == {"private-or-clear": ShuntKind.PASS, "private": ShuntKind.DROP}
     assert c.lifetimes["no_key"] == 900
-    assert c.proposals[0] == ("aes256gcm16", "prfsha256", "x25519")
+    assert c.proposals == () and c.esp_proposals == ()  # the engine's defaults
 
 
 def test_minimal_file_is_all_defaults(tmp_path):
@@ -85,8 +85,8 @@ rekey_margin = 20
     assert c.negotiation_shunt["private-or-clear"] is ShuntKind.PASS
     assert c.negotiation_shunt["private"] is ShuntKind.HOLD
     assert c.lifetimes["no_key"] == 60 and c.lifetimes["refused"] == 300
-    assert c.proposals == (("aes128", "sha256", "prfsha384", "modp2048"),)
-    assert c.esp_proposals == (("chacha20poly1305",),)
+    assert c.proposals == ("aes128-sha256-prfsha384-modp2048",)
+    assert c.esp_proposals == ("chacha20poly1305",)
 
 
 @pytest.mark.parametrize("text, key", [
@@ -103,7 +103,7 @@ rekey_margin = 20
     ("[ike]\nport = 4500\n", "ike.natt_port"),
     ("[ike]\nproposals = [\"aes256gcm16-prfsha256-x448\"]\n", "ike.proposals"),
     ("[ike]\nproposals = [\"aes256-prfsha256-x25519\"]\n", "ike.proposals"),
-    ("[ike]\nproposals = []\n", "ike.proposals"),
+    ("[ike]\nproposals = [3]\n", "ike.proposals"),
     ("[ike]\nesp_proposals = [\"aes256gcm16-prfsha256-x25519\"]\n", "ike.esp_proposals"),
     ("[ike]\nchild_lifetime = 100\nrekey_margin = 100\n", "ike.rekey_margin"),
     ("[shunts]\nfailure = { private = \"hold\" }\n", "shunts.failure.private"),
