@@ -15,6 +15,7 @@ from oe_agent.errors import UserError
 # Modules that contribute verbs, in the order `--help` lists them.
 COMMANDS: list[str] = [
     "oe_agent.dns.tools",
+    "oe_agent.mesh",
     "oe_agent.ike.decrypt",
     "oe_agent.daemon",
     "oe_agent.control.client",
