@@ -118,7 +118,7 @@ def test_live_sa_survives_garbage(state, data):
 def test_errors_are_recorded_not_raised():
     p, sa = live("established-r")
     sa.receive_datagram(b"\x00" * 40, (A, 4500), p.now)
-    assert "INVALID_IKE_SPI" in sa.last_error and sa.state == IkeState.ESTABLISHED
+    assert "INVALID_MAJOR_VERSION" in sa.last_error and sa.state == IkeState.ESTABLISHED
 
 
 def test_integrity_failure_is_silent():
