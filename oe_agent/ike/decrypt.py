@@ -57,6 +57,34 @@ def _notify_data(n: pl.Notify) -> str:
     return f" {n.data.hex()}" if n.data else ""
 
 
+_SIGNATURE_OIDS = {
+    "1.3.101.112": "ed25519", "1.3.101.113": "ed448", "1.2.840.113549.1.1.10": "rsassa-pss",
+    "1.2.840.113549.1.1.11": "sha256WithRSAEncryption",
+    "1.2.840.113549.1.1.12": "sha384WithRSAEncryption",
+    "1.2.840.113549.1.1.13": "sha512WithRSAEncryption",
+    "1.2.840.10045.4.3.2": "ecdsa-with-SHA256", "1.2.840.10045.4.3.3": "ecdsa-with-SHA384",
+    "1.2.840.10045.4.3.4": "ecdsa-with-SHA512",
+}
+
+
+def _signature_scheme(data: bytes) -> str:
+    """The algorithm of an RFC 7427 §3 AUTH payload: 1-octet length, then a DER
+    AlgorithmIdentifier whose first element is the OID; named if known, dotted if not."""
+    if len(data) < 5 or data[1] != 0x30 or data[3] != 0x06 or 1 + data[0] > len(data):
+        return "(no AlgorithmIdentifier)"
+    oid = data[5:5 + data[4]]
+    if not oid or len(oid) != data[4]:
+        return "(no AlgorithmIdentifier)"
+    arcs, n = [oid[0] // 40, oid[0] % 40], 0
+    for b in oid[1:]:
+        n = (n << 7) | (b & 0x7F)
+        if not b & 0x80:
+            arcs.append(n)
+            n = 0
+    dotted = ".".join(map(str, arcs))
+    return _SIGNATURE_OIDS.get(dotted, dotted)
+
+
 def describe(p) -> str:
     """One line for a decoded payload, in the RFC's words."""
     if isinstance(p, pl.SecurityAssociation):
@@ -73,7 +101,8 @@ def describe(p) -> str:
         kind = "IDi" if isinstance(p, pl.IdInitiator) else "IDr"
         return f"{kind} {name_of(IdType, p.id_type)} {p}"
     if isinstance(p, pl.Authentication):
-        return f"AUTH {name_of(AuthMethod, p.method)}, {len(p.data)} bytes"
+        scheme = f" {_signature_scheme(p.data)}" if p.method == AuthMethod.DIGITAL_SIGNATURE else ""
+        return f"AUTH {name_of(AuthMethod, p.method)}{scheme}, {len(p.data)} bytes"
     if isinstance(p, pl.Notify):
         spi = f" {name_of(ProtocolId, p.protocol)} spi {p.spi.hex()}" if p.spi else ""
         return f"N({name_of(NotifyType, p.notify_type)}){spi}{_notify_data(p)}"

@@ -3,20 +3,26 @@ raw ESP (transport, AES-CBC+HMAC, IPv6) decode; every bad input is one line, exi
 from __future__ import annotations
 
 import io
+import ipaddress
 import os
+import random
 import struct
 
 import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from oe_agent.cli import main
-from oe_agent.ike.const import IntegId
-from oe_agent.ike.crypto import INTEGS
+from oe_agent.ike import payloads as pl
+from oe_agent.ike.const import AuthMethod, EncrId, ExchangeType, IntegId
+from oe_agent.ike.crypto import INTEGS, IkeCipher, IkeKeys
 from oe_agent.ike.decrypt import decrypt_capture
-from oe_agent.ike.keylog import read_keylog
+from oe_agent.ike.keylog import KeyLogWriter, read_keylog
+from oe_agent.ike.message import Message, add_non_esp_marker
 from oe_agent.ike.pcap import CaptureError, ip_of, read_frames
+from oe_agent.model import ChildSaParams, EspAlgorithm, Mode, TrafficSelector
 from tests.conftest import SHARED, needs
 
 VECTORS = SHARED / "vectors"
@@ -182,3 +188,43 @@ def test_garbage_captures_raise_only_capture_error(magic, rest):
             ip_of(frame)
     except CaptureError:
         pass
+
+
+def test_own_key_log_decrypts_own_messages(tmp_path, capsys):
+    """What the engine sends (codec + SK with AES-CBC/HMAC) and the keys KeyLogWriter logs
+    are enough for decrypt: the agent's key log path end to end, with an ESP-in-UDP packet
+    in transport mode carrying UDP."""
+    rng = random.Random(4).randbytes
+    cipher = IkeCipher.from_ids(EncrId.AES_CBC, 256, IntegId.HMAC_SHA2_256_128)
+    keys = IkeKeys(rng(32), rng(32), rng(32), rng(32), rng(32), rng(32), rng(32))
+    spi_i, spi_r = rng(8), rng(8)
+    rsa_sha256 = bytes.fromhex("300d06092a864886f70d01010b0500")
+    msg = Message(spi_i, spi_r, ExchangeType.IKE_AUTH, True, False, 1, (
+        pl.IdInitiator.from_fqdn("a.example"),
+        pl.Authentication(AuthMethod.DIGITAL_SIGNATURE, bytes([15]) + rsa_sha256 + rng(256)),
+        pl.TsInitiator((TrafficSelector.host("192.0.2.1", 17),)),
+        pl.TsResponder((TrafficSelector.host("192.0.2.2", 17, 53),))))
+    wire = msg.encrypt(cipher, keys.sk_ei, keys.sk_ai, rng)
+    params = ChildSaParams(ipaddress.ip_address("192.0.2.1"), ipaddress.ip_address("192.0.2.2"),
+                           spi_in=0xC1000001, spi_out=0xC2000002, mode=Mode.TRANSPORT,
+                           alg=EspAlgorithm("aes-gcm-16", 256), encr_key_in=rng(36),
+                           encr_key_out=rng(36), encap=(4500, 4500))
+    udp_inner = struct.pack("!HHHH", 5353, 53, 8 + 12, 0) + b"dns-question"
+    plain = udp_inner + b"\x01\x02" + bytes([2, 17])  # 2 padding octets, next header UDP
+    head, iv = struct.pack("!II", params.spi_out, 1), rng(8)
+    k = params.encr_key_out
+    esp = head + iv + AESGCM(k[:32]).encrypt(k[32:] + iv, plain, head)
+    _write_pcap(tmp_path / "own.pcap", 101, [_ipv4_udp(4500, 4500, add_non_esp_marker(wire)),
+                                             _ipv4_udp(4500, 4500, esp)])
+    w = KeyLogWriter(tmp_path / "keys.log")
+    w.log_ike_sa(spi_i, spi_r, cipher, keys)
+    w.log_child_sa(params)
+    w.close()
+    rc, out, err = run(capsys, tmp_path / "own.pcap", "--keylog", tmp_path / "keys.log")
+    assert rc == 0, err
+    assert "IDi FQDN a.example" in out
+    assert "AUTH DIGITAL_SIGNATURE sha256WithRSAEncryption, 272 bytes" in out
+    assert "TSr 192.0.2.2-192.0.2.2 proto 17 ports 53-53" in out
+    assert "inner (transport) 192.0.2.1 -> 192.0.2.2 UDP ports 5353 -> 53, 12 bytes payload" in out
+    assert "payload: dns-question" in out
+    assert out.rstrip().endswith("1 IKE messages (1 decrypted), 1 ESP packets (1 decrypted)")
