@@ -1,7 +1,7 @@
 """oe-agent's IKE engine + userspace ESP dataplane <-> strongSwan charon with kernel-libipsec
 (tunnel mode, ESP-in-UDP): pings in both directions, each side initiating (issue 6, item 3).
 
-The oe-agent side is a small driver (below, written into the test host): IkeAdapter owns UDP
+The oe-agent side is a small driver (tests/netns/test_esp_ike.py, written into the test host): IkeAdapter owns UDP
 500/4500 and hands ESP to the dataplane (`on_esp`), the dataplane sends through the adapter
 (`attach_udp(send_esp)`), and each ChildSaEstablished is installed with `add_child_sa` — the
 wiring the agent does, without the agent's policy logic.
@@ -16,57 +16,10 @@ import pytest
 
 from tests.interop.peers.charon import host_conn, sole_child
 from tests.interop.peers.wire import canary_seen, read_pcap
+from tests.netns.test_esp_ike import DRIVER  # the same driver; tunnel mode here
 
 CANARY = b"oe-agent-canary!"
 ROOT = Path(__file__).resolve().parents[2]
-
-DRIVER = r'''
-import asyncio, ipaddress, json, signal, sys
-from cryptography.hazmat.primitives import serialization
-from oe_agent.esp.dataplane import UserspaceDataplane
-from oe_agent.ike import auth
-from oe_agent.ike.adapter import IkeAdapter
-from oe_agent.ike.events import ChildSaEstablished
-from oe_agent.ike.payloads import IdInitiator
-from oe_agent.ike.sa import IkeConfig
-from oe_agent.model import Mode
-
-async def main(local, remote, key, peer, initiate):
-    cfg = IkeConfig(
-        local_id=IdInitiator.from_address(local),
-        credential=auth.SignatureCredential(
-            serialization.load_pem_private_key(open(key, "rb").read(), None)),
-        peer_keys=(serialization.load_pem_public_key(open(peer, "rb").read()),),
-        ike_proposals=("aes256gcm16-prfsha256-x25519",), esp_proposals=("aes128gcm16",),
-        mode=Mode.TUNNEL)
-    dp = UserspaceDataplane(own_udp=False)
-    pending = []
-
-    def on_event(sa, ev):
-        print("EVENT", type(ev).__name__, flush=True)
-        if isinstance(ev, ChildSaEstablished):
-            pending.append(asyncio.ensure_future(dp.add_child_sa(ev.params)))
-            pending[-1].add_done_callback(lambda f: print("CHILD_UP", ev.params.encap,
-                                                          flush=True))
-
-    ike = IkeAdapter([local], lambda l, r: cfg, on_event, on_esp=dp.on_esp)
-    dp.attach_udp(ike.send_esp)
-    await ike.start()
-    await dp.start()
-    stop = asyncio.Event()
-    for s in (signal.SIGTERM, signal.SIGINT):
-        asyncio.get_running_loop().add_signal_handler(s, stop.set)
-    print("READY", flush=True)
-    if initiate:
-        ike.connect(cfg, ipaddress.ip_address(local), ipaddress.ip_address(remote))
-    await stop.wait()
-    sas = [(c.spi, c.packets) for c in await dp.counters()]
-    await dp.stop()
-    ike.close()
-    print("COUNTERS", json.dumps(sas), json.dumps(dict(dp.stats)), flush=True)
-
-asyncio.run(main(*sys.argv[1:5], sys.argv[5] == "1"))
-'''
 
 
 def _wait_for(path: Path, what: bytes, proc, timeout: float = 30.0) -> None:
@@ -96,7 +49,7 @@ def test_ike_and_userspace_esp_with_charon(hosts, charon, keypair, oe_initiates)
     (a.workdir / "driver.py").write_text(DRIVER)
     tcpdump, pcap = hosts.capture(b, "udp or esp", name="wire")
     drv = a.popen(sys.executable, str(a.workdir / "driver.py"), a.v4, b.v4, str(priv), str(pub),
-                  "1" if oe_initiates else "0", log="driver.log", cwd=str(ROOT))
+                  "1" if oe_initiates else "0", "tunnel", log="driver.log", cwd=str(ROOT))
     log = a.workdir / "driver.log"
     _wait_for(log, b"READY", drv)
     if not oe_initiates:
