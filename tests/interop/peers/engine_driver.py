@@ -5,8 +5,9 @@
 CONFIG is peers.engine.EngineConfig as JSON. Commands arrive as JSON lines on stdin
 ({"cmd": "initiate" | "rekey_child" | "rekey_ike" | "delete_child" | "delete_ike"}); every
 engine event is printed as one `EVENT {json}` line (bytes as hex, addresses as text), after
-`EVENT {"event": "Ready"}` once the UDP sockets are bound. No ESP dataplane: ESP-in-UDP
-packets that arrive on 4500 are only counted.
+`EVENT {"event": "Ready"}` once the UDP sockets are bound. The engine runs on its own asyncio
+adapter (oe_agent.ike.adapter.IkeAdapter), as the agent runs it. No ESP dataplane here:
+ESP-in-UDP packets that arrive on 4500 are only counted.
 """
 from __future__ import annotations
 
@@ -15,18 +16,16 @@ import dataclasses
 import enum
 import ipaddress
 import json
-import os
 import sys
-import time
 import traceback
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 
 from oe_agent.ike import auth as ikeauth
+from oe_agent.ike.adapter import IkeAdapter
 from oe_agent.ike.events import ChildSaEstablished, ChildSaRekeyed
 from oe_agent.ike.keylog import KeyLogWriter
-from oe_agent.ike.message import classify_udp4500, peek_header
 from oe_agent.ike.payloads import IdInitiator
 from oe_agent.ike.sa import IkeConfig, IkeSa
 from oe_agent.model import Mode
@@ -75,155 +74,83 @@ def load_config(path: str) -> tuple[dict, IkeConfig]:
 
 
 class Driver:
-    """One local address, one peer; the IKE SAs with it, routed by SPI."""
+    """One local address, one static peer, on the engine's own asyncio adapter."""
 
     def __init__(self, raw: dict, cfg: IkeConfig):
         self.raw, self.cfg = raw, cfg
         self.local = ipaddress.ip_address(raw["local"])
         self.remote = ipaddress.ip_address(raw["remote"])
-        self.sas: list[IkeSa] = []
-        self.transports: dict[int, asyncio.DatagramTransport] = {}
-        self.timer: asyncio.TimerHandle | None = None
         self.keylog = KeyLogWriter(raw["keylog"]) if raw.get("keylog") else None
         self.esp_packets = 0
+        self.adapter = IkeAdapter([self.local], self.responder_config, self.on_event,
+                                  ike_port=cfg.ike_port, natt_port=cfg.natt_port,
+                                  on_esp=self.on_esp)
 
-    def now(self) -> float:
-        return time.monotonic()
+    def responder_config(self, local, remote) -> IkeConfig | None:
+        return self.cfg if remote == self.remote else None
 
-    # --- input ---
-    def datagram(self, data: bytes, addr: tuple, local_port: int) -> None:
-        if local_port == self.cfg.natt_port:
-            kind, data = classify_udp4500(data)
-            if kind == "esp":
-                self.esp_packets += 1
-                return
-            if kind != "ike":
-                return
-        try:
-            h = peek_header(data)
-        except Exception as e:  # the engine's own parse errors: drop, as the adapter would
-            emit("Dropped", reason=str(e))
-            return
-        sa = self.find(h)
-        if sa is None:
-            if h.exchange == 34 and not h.response and not any(h.spi_r):
-                sa = IkeSa(self.cfg, self.local, addr[0], initiator=False, rng=os.urandom,
-                           remote_port=addr[1], local_port=local_port)
-                self.sas.append(sa)
-            else:
-                emit("Dropped", reason=f"no SA for SPIs {h.spi_i.hex()}/{h.spi_r.hex()}")
-                return
-        sa.receive_datagram(data, addr, self.now(), local_port=local_port)
-        if sa.last_error:
-            emit("EngineError", error=sa.last_error)
-            sa.last_error = ""
-        self.pump()
+    def on_event(self, sa: IkeSa, ev) -> None:
+        if self.keylog is not None:  # Child SA keys, Wireshark esp_sa lines
+            if isinstance(ev, ChildSaEstablished):
+                self.keylog.log_child_sa(ev.params)
+            elif isinstance(ev, ChildSaRekeyed):
+                self.keylog.log_child_sa(ev.new)
+        emit(type(ev).__name__, **jsonable(ev))
 
-    def find(self, h) -> IkeSa | None:
-        for sa in self.sas:
-            if h.spi_i in sa.local_spis or h.spi_r in sa.local_spis:
-                return sa
-            if not sa.initiated and sa.spi_i == h.spi_i:  # retransmitted IKE_SA_INIT
-                return sa
-        return None
+    def on_esp(self, packet: bytes, local: tuple, remote: tuple) -> None:
+        self.esp_packets += 1  # no dataplane in these tests: ESP is only counted
 
-    # --- output ---
-    def pump(self) -> None:
-        now = self.now()
-        for sa in self.sas:
-            for d in sa.datagrams_to_send(now):
-                t = self.transports.get(d.local_port)
-                if t is not None:
-                    t.sendto(d.wire(), (str(d.remote), d.remote_port))
-            while (ev := sa.next_event()) is not None:
-                self.log_keys(sa, ev)
-                emit(type(ev).__name__, **jsonable(ev))
-        deadlines = [t for t in (sa.get_timer() for sa in self.sas) if t is not None]
-        if self.timer:
-            self.timer.cancel()
-            self.timer = None
-        if deadlines:
-            delay = max(0.0, min(deadlines) - now)
-            self.timer = asyncio.get_running_loop().call_later(delay, self.tick)
-
-    def tick(self) -> None:
-        self.timer = None
-        now = self.now()
-        for sa in self.sas:
-            t = sa.get_timer()
-            if t is not None and t <= now:
-                sa.handle_timer(now)
-        self.pump()
-
-    def log_keys(self, sa: IkeSa, ev) -> None:
-        """Child SA keys in Wireshark's esp_sa format, to decrypt the test's captures."""
-        if self.keylog is None:
-            return
-        if isinstance(ev, ChildSaEstablished):
-            self.keylog.log_child_sa(ev.params)
-        elif isinstance(ev, ChildSaRekeyed):
-            self.keylog.log_child_sa(ev.new)
-
-    # --- commands ---
     def current(self) -> IkeSa:
-        live = [sa for sa in self.sas if sa.state.value not in ("closed",)]
+        live = [sa for sa in self.adapter.endpoint.find(self.remote)
+                if sa.state.value == "established"]
         if not live:
-            raise LookupError("no IKE SA")
+            raise LookupError("no established IKE SA")
         return live[-1]
 
     def command(self, cmd: dict) -> None:
-        now = self.now()
         op = cmd.get("cmd")
         if op == "initiate":
-            sa = IkeSa(self.cfg, self.local, self.remote, initiator=True, rng=os.urandom)
-            self.sas.append(sa)
-            sa.connect(now)
+            self.adapter.connect(self.cfg, self.local, self.remote)
         elif op == "rekey_child":
             sa = self.current()
-            sa.rekey_child(cmd.get("spi_in") or next(iter(sa.children)), now)
+            spi = cmd.get("spi_in") or next(iter(sa.children))
+            self.adapter.act(lambda now: sa.rekey_child(spi, now))
         elif op == "rekey_ike":
-            self.current().rekey(now)
+            sa = self.current()
+            self.adapter.act(sa.rekey)
         elif op == "delete_child":
             sa = self.current()
-            sa.delete_child(cmd.get("spi_in") or next(iter(sa.children)), now)
+            spi = cmd.get("spi_in") or next(iter(sa.children))
+            self.adapter.act(lambda now: sa.delete_child(spi, now))
         elif op == "delete_ike":
-            self.current().delete(now)
+            sa = self.current()
+            self.adapter.act(sa.delete)
         elif op == "status":
             emit("Status", sas=[{"state": sa.state.value, "spi_i": sa.spi_i.hex(),
                                  "spi_r": sa.spi_r.hex(), "children": list(sa.children)}
-                                for sa in self.sas], esp_packets=self.esp_packets)
+                                for sa in self.adapter.endpoint.sas],
+                 esp_packets=self.esp_packets, dropped=self.adapter.endpoint.dropped,
+                 errors=self.adapter.errors)
         else:
             raise ValueError(f"unknown command {op!r}")
-        self.pump()
-
-
-class _Udp(asyncio.DatagramProtocol):
-    def __init__(self, driver: Driver, port: int):
-        self.driver, self.port = driver, port
-
-    def datagram_received(self, data, addr):
-        try:
-            self.driver.datagram(data, addr, self.port)
-        except Exception:
-            emit("DriverError", error=traceback.format_exc())
 
 
 async def main(path: str) -> None:
     raw, cfg = load_config(path)
     d = Driver(raw, cfg)
+    await d.adapter.start()
     loop = asyncio.get_running_loop()
-    for port in (cfg.ike_port, cfg.natt_port):
-        t, _ = await loop.create_datagram_endpoint(lambda p=port: _Udp(d, p),
-                                                   local_addr=(raw["local"], port))
-        d.transports[port] = t
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     emit("Ready")
-    while line := await reader.readline():
-        try:
-            d.command(json.loads(line))
-        except Exception:
-            emit("DriverError", error=traceback.format_exc())
+    try:
+        while line := await reader.readline():
+            try:
+                d.command(json.loads(line))
+            except Exception:
+                emit("DriverError", error=traceback.format_exc())
+    finally:
+        d.adapter.close()
 
 
 if __name__ == "__main__":
