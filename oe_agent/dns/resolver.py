@@ -241,7 +241,7 @@ class KeyResolver:
                 rr = validate.find(msg.answer, cur, IPSECKEY)
                 if rr is not None:
                     sigs = validate.sigs_for([msg.answer], rr)
-                    verdict = await v.rrset(rr, sigs)
+                    verdict = await v.rrset(rr, sigs, authority=msg.authority)
                     secure &= verdict == validate.SECURE
                     ttl = min(ttl, rr.ttl, self._sig_ttl(sigs))
                     return self._positive(rr, secure, ttl, chain, base,
@@ -251,7 +251,7 @@ class KeyResolver:
                 if cn is None:
                     break
                 sigs = validate.sigs_for([msg.answer], cn)
-                verdict = await v.rrset(cn, sigs)
+                verdict = await v.rrset(cn, sigs, authority=msg.authority)
                 secure &= verdict == validate.SECURE
                 ttl = min(ttl, cn.ttl, self._sig_ttl(sigs))
                 cur = cn[0].target

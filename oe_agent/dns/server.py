@@ -4,7 +4,8 @@ It serves every `*.zone` file of a directory, signs each zone (NSEC, one ECDSA P
 zone, RFC 6781 §3.1.4.1 "single-type signing") with keys it makes at start, puts NS + DS for
 hosted child zones into their hosted parents, answers DO queries with RRSIGs and denial proofs
 (RFC 4035 §3.1), and sets TC when a UDP answer exceeds the client's payload (RFC 6891 §7).
-Its trust anchors are the DS records of the top-most zones. Wildcards are not synthesized.
+Its trust anchors are the DS records of the top-most zones. Wildcards are synthesized
+(RFC 4592) with their NSEC proofs.
 """
 from __future__ import annotations
 
@@ -230,6 +231,8 @@ class AuthServer:
         for _ in range(8):  # follow CNAMEs inside this zone, like knot and BIND
             node = zone.get_node(name)
             if node is None:
+                if self._wildcard(resp, zone, origin, name, qtype, do):
+                    return resp
                 break
             found = self._rrsets(zone, name, qtype, do)
             if found:
@@ -247,10 +250,46 @@ class AuthServer:
         self._negative(resp, zone, origin, name, do)
         return resp
 
+    def _exists(self, zone, name) -> bool:
+        """A node, or an empty non-terminal (a name with descendants)."""
+        return zone.get_node(name) is not None or any(n.is_subdomain(name) for n in zone.nodes)
+
+    def _closest_encloser(self, zone, origin, name) -> dns.name.Name:
+        ce = name.parent()
+        while ce != origin and not self._exists(zone, ce):
+            ce = ce.parent()
+        return ce
+
+    def _wildcard(self, resp, zone, origin, name, qtype, do) -> bool:
+        """RFC 4592 synthesis from *.<closest encloser>, with the NSEC proving that `name`
+        itself does not exist (RFC 4035 §3.1.3.3). False if no wildcard applies."""
+        if self._exists(zone, name):
+            return False
+        wild = dns.name.Name((b"*",) + self._closest_encloser(zone, origin, name).labels)
+        node = zone.get_node(wild)
+        if node is None:
+            return False
+        rds = node.get_rdataset(dns.rdataclass.IN, qtype)
+        if rds is None:  # wildcard NODATA: SOA, NSEC covering name, NSEC at the wildcard
+            resp.authority += self._rrsets(zone, origin, SOA, do)
+            if do:
+                cover = self._covering_nsec(origin, name)
+                for owner in dict.fromkeys(o for o in (cover, wild) if o is not None):
+                    resp.authority += self._rrsets(zone, owner, NSEC, True)
+            return True
+        resp.answer.append(dns.rrset.from_rdata_list(name, rds.ttl, list(rds)))
+        if do:
+            sigs = node.get_rdataset(dns.rdataclass.IN, RRSIG, qtype)
+            if sigs is not None:  # the RRSIG labels field tells resolvers it was a wildcard
+                resp.answer.append(dns.rrset.from_rdata_list(name, sigs.ttl, list(sigs)))
+            cover = self._covering_nsec(origin, name)
+            if cover is not None:
+                resp.authority += self._rrsets(zone, cover, NSEC, True)
+        return True
+
     def _negative(self, resp, zone, origin, name, do) -> None:
         """NODATA or NXDOMAIN with SOA and, under DO, the NSEC proof (RFC 4035 §3.1.3)."""
-        exists = zone.get_node(name) is not None or any(
-            n.is_subdomain(name) for n in zone.nodes)  # empty non-terminal: NODATA
+        exists = self._exists(zone, name)  # an empty non-terminal gives NODATA
         if not exists:
             resp.set_rcode(dns.rcode.NXDOMAIN)
         soa = self._rrsets(zone, origin, SOA, do)
@@ -266,10 +305,7 @@ class AuthServer:
         else:
             owners.append(self._covering_nsec(origin, name))
             if not exists:  # and no wildcard at the closest encloser
-                ce = name.parent()
-                while ce != origin and zone.get_node(ce) is None and not any(
-                        n.is_subdomain(ce) for n in zone.nodes):
-                    ce = ce.parent()
+                ce = self._closest_encloser(zone, origin, name)
                 owners.append(self._covering_nsec(origin, dns.name.Name((b"*",) + ce.labels)))
         for owner in dict.fromkeys(o for o in owners if o is not None):
             resp.authority += self._rrsets(zone, owner, NSEC, True)

@@ -135,9 +135,10 @@ class Validator:
     # --- rrsets -----------------------------------------------------------------------------
 
     async def rrset(self, rrset: dns.rrset.RRset, sigs: dns.rrset.RRset | None,
-                    *, ds_side: bool = False) -> str:
+                    *, ds_side: bool = False, authority=()) -> str:
         """SECURE or INSECURE for one rrset, or raise Bogus. `ds_side`: a DS rrset, whose zone
-        is the parent's (RFC 4035 §5.2)."""
+        is the parent's (RFC 4035 §5.2). `authority`: where a wildcard expansion's proof that
+        the name itself does not exist is (RFC 4035 §5.3.4)."""
         where = rrset.name.parent() if ds_side and len(rrset.name) > 1 else rrset.name
         anchor = self.anchor_for(where)
         if anchor is None:
@@ -159,9 +160,17 @@ class Validator:
                 return INSECURE
             try:
                 dns.dnssec.validate(rrset, sigs, {signer: keys}, now=self.now())
-                return SECURE
             except dns.dnssec.ValidationFailure as exc:
                 errors.append(_why(sigs, self.now(), exc))
+                continue
+            labels = len(rrset.name) - 1 - (1 if rrset.name.is_wild() else 0)
+            sig_labels = min(sg.labels for sg in sigs if sg.signer == signer)
+            if sig_labels < labels:  # synthesized from a wildcard
+                self._check_nsec_sigs(signer, keys, authority)
+                if not _wildcard_proven(signer, authority, rrset.name, sig_labels):
+                    raise Bogus(f"{rrset.name}: wildcard answer without proof that the name "
+                                f"itself does not exist")
+            return SECURE
         raise Bogus(f"{rrset.name} {dns.rdatatype.to_text(rrset.rdtype)}: signature does "
                     f"not verify ({'; '.join(errors)})")
 
@@ -251,6 +260,20 @@ class Validator:
 
     # --- denial of existence ----------------------------------------------------------------
 
+    def _check_nsec_sigs(self, zone, keys, authority) -> list[dns.rrset.RRset]:
+        """The NSEC/NSEC3 rrsets of a section, each verified with the zone's keys."""
+        nsecs = [r for r in authority if r.rdtype in (NSEC, NSEC3)]
+        for r in nsecs:
+            sig = sigs_for([authority], r)
+            if sig is None:
+                raise Bogus(f"{r.name} {dns.rdatatype.to_text(r.rdtype)}: no RRSIG")
+            try:
+                dns.dnssec.validate(r, sig, {zone: keys}, now=self.now())
+            except dns.dnssec.ValidationFailure as exc:
+                raise Bogus(f"{r.name} {dns.rdatatype.to_text(r.rdtype)}: signature does not "
+                            f"verify ({_why(sig, self.now(), exc)})") from None
+        return nsecs
+
     async def denial(self, msg: dns.message.Message, qname: dns.name.Name,
                      qtype: int) -> tuple[str, int]:
         """(SECURE or INSECURE, negative TTL) for a NODATA/NXDOMAIN answer, or raise Bogus."""
@@ -276,16 +299,7 @@ class Validator:
         if await self.rrset(soa, sigs_for([msg.authority], soa)) == INSECURE:
             return INSECURE, ttl
         keys = await self.zone_keys(zone)
-        nsecs = [r for r in msg.authority if r.rdtype in (NSEC, NSEC3)]
-        for r in nsecs:
-            sig = sigs_for([msg.authority], r)
-            if sig is None:
-                raise Bogus(f"{r.name} {dns.rdatatype.to_text(r.rdtype)}: no RRSIG")
-            try:
-                dns.dnssec.validate(r, sig, {zone: keys}, now=self.now())
-            except dns.dnssec.ValidationFailure as exc:
-                raise Bogus(f"{r.name} {dns.rdatatype.to_text(r.rdtype)}: signature does not "
-                            f"verify ({_why(sig, self.now(), exc)})") from None
+        nsecs = self._check_nsec_sigs(zone, keys, msg.authority)
         what = "NXDOMAIN" if nxdomain else "NODATA"
         tname = dns.rdatatype.to_text(qtype)
         if any(r.rdtype == NSEC3 for r in nsecs):
@@ -310,6 +324,37 @@ def _why(sigs, now: float, exc: Exception) -> str:
     return f"{exc}: the data or the signature was changed"
 
 
+def _wildcard_proven(zone, authority, qname, sig_labels) -> bool:
+    """RFC 4035 §5.3.4 / RFC 5155 §8.8: an NSEC covering qname, or an NSEC3 covering the
+    next closer name (one label below the wildcard's parent)."""
+    nsecs = [r for r in authority if r.rdtype == NSEC]
+    if any(_covers(r.name, r[0].next, qname) for r in nsecs):
+        return True
+    nsec3s = [r for r in authority if r.rdtype == NSEC3]
+    if not nsec3s:
+        return False
+    next_closer = dns.name.Name(qname.labels[-(sig_labels + 2):])
+    return _nsec3_covered(nsec3s, next_closer) is not None
+
+
+def _nsec3_entries(nsec3s):
+    return [(r.name.labels[0].decode().upper(),
+             base64.b32hexencode(r[0].next).decode().upper(), r[0]) for r in nsec3s]
+
+
+def _nsec3_hash(nsec3s, name) -> str:
+    p = nsec3s[0][0]
+    return dns.dnssec.nsec3_hash(name, p.salt, p.iterations, p.algorithm)
+
+
+def _nsec3_covered(nsec3s, name):
+    hv = _nsec3_hash(nsec3s, name)
+    for owner, nxt, rd in _nsec3_entries(nsec3s):
+        if (owner < hv < nxt) if owner < nxt else (hv > owner or hv < nxt):
+            return rd
+    return None
+
+
 def _nsec_proves(zone, nsecs, qname, qtype, nxdomain) -> bool:
     """RFC 4035 §5.4 (and §3.1.3 for empty non-terminals)."""
     if not nxdomain:
@@ -324,6 +369,14 @@ def _nsec_proves(zone, nsecs, qname, qtype, nxdomain) -> bool:
                 return delegation if qtype == DS else not delegation
         if qtype == DS:
             return False  # an empty non-terminal is no zone cut
+        cover = next((r for r in nsecs if _covers(r.name, r[0].next, qname)), None)
+        if cover is not None:  # wildcard NODATA (RFC 4035 §3.1.3.4): *.CE exists, lacks qtype
+            ce = max((_ancestor(qname, cover.name), _ancestor(qname, cover[0].next)), key=len)
+            wild = dns.name.Name((b"*",) + ce.labels)
+            for r in nsecs:
+                if r.name == wild:
+                    t = _bitmap(r[0])
+                    return qtype not in t and CNAME not in t
         # empty non-terminal: an NSEC covers qname and its next name lies below qname
         return any(_covers(r.name, r[0].next, qname) and r[0].next.is_subdomain(qname)
                    for r in nsecs)
@@ -355,27 +408,14 @@ def _bitmap(nsec_rdata) -> set[int]:
 
 def _nsec3_proves(zone, nsec3s, qname, qtype, nxdomain) -> bool:
     """RFC 5155 §8.5-8.7: matching NSEC3 for NODATA, closest-encloser proof for NXDOMAIN."""
-    params = nsec3s[0][0]
-
-    def h(name):
-        return dns.dnssec.nsec3_hash(name, params.salt, params.iterations, params.algorithm)
-
-    entries = []
-    for r in nsec3s:
-        owner = r.name.labels[0].decode().upper()
-        nxt_text = base64.b32hexencode(r[0].next).decode().upper()
-        entries.append((owner, nxt_text, r[0]))
+    entries = _nsec3_entries(nsec3s)
 
     def match(name):
-        hv = h(name)
+        hv = _nsec3_hash(nsec3s, name)
         return next((e for e in entries if e[0] == hv), None)
 
     def covered(name):
-        hv = h(name)
-        for owner, nxt, rd in entries:
-            if (owner < hv < nxt) if owner < nxt else (hv > owner or hv < nxt):
-                return rd
-        return None
+        return _nsec3_covered(nsec3s, name)
 
     if not nxdomain:
         m = match(qname)

@@ -73,6 +73,8 @@ def zone_texts(k: TestKeys) -> dict[str, str]:
             gw IPSECKEY {_rd(10, k.p256, "192.0.2.9")}
             gw IPSECKEY {_rd(20, k.rsa2048, "2001:db8::9")}
             nokey A 192.0.2.77
+            *.wild IPSECKEY {_rd(10, k.p384)}
+            *.wildtxt TXT "a wildcard without a key"
             malformed IPSECKEY {_rd(10, k.ed25519)}
             """),
         UNSIGNED: head + f"host IPSECKEY {_rd(10, k.ed25519)}\n",
@@ -140,6 +142,8 @@ def cases(k: TestKeys) -> dict[str, tuple[str, list]]:
         "malformed." + TOP: ("secure-key", [pub(k.ed25519)]),
         "nokey." + TOP: ("secure-denial", []),
         "nothere." + TOP: ("secure-denial", []),
+        "x.wild." + TOP: ("secure-key", [pub(k.p384)]),  # synthesized from a wildcard
+        "x.wildtxt." + TOP: ("secure-denial", []),  # wildcard NODATA
         "host." + UNSIGNED: ("insecure", [pub(k.ed25519)]),
         "host." + EXPIRED: ("bogus", []),
         "host." + TAMPERED: ("bogus", []),

@@ -3,8 +3,10 @@
 import asyncio
 import sys
 
+import dns.reversename
 import pytest
 
+from oe_agent.dns import ipseckey
 from oe_agent.dns.resolver import KeyResolver
 from tests.conftest import have, needs
 from tests.interop import dnsfix
@@ -23,7 +25,9 @@ def dns_lab(hosts, keys):
     needs(have("unbound"), "unbound (apt: unbound)")
     auth, client, silent = hosts.add(), hosts.add(), hosts.add()
     server = dnsfix.make_server(keys)
-    knot = dnsfix.Knot(auth, server).start()
+    wild6 = dns.reversename.from_address(WILD6).parent().to_text()
+    extra = {dnsfix.REV6: f"*.{wild6} 60 IPSECKEY {_rd(keys.ed448)}\n"}
+    knot = dnsfix.Knot(auth, server, extra=extra).start()
     silent.popen(sys.executable, "-c", dnsfix.SILENT_SERVER, log="silent.log")
     dnsfix.wait_port(silent, 53, "udp")
     stubs = {z: auth.v4 for z in dnsfix.AUTO_SIGNED}
@@ -39,6 +43,17 @@ def dns_lab(hosts, keys):
     knot.stop()
 
 
+WILD6 = "2001:db8::1:0:0:7"  # under a wildcard in the NSEC3-signed IPv6 reverse zone
+
+
+def _pub(key) -> bytes:
+    return ipseckey.public_key_bytes(key.public_key())[1]
+
+
+def _rd(key) -> str:
+    return ipseckey.rdata_text(10, key.public_key())
+
+
 def _lookup_all(netns, resolvers, anchors, mode, names, timeout=4.0):
     async def run():
         r = KeyResolver(resolvers, anchors, mode, timeout=timeout, attempt_timeout=1.5)
@@ -48,6 +63,8 @@ def _lookup_all(netns, resolvers, anchors, mode, names, timeout=4.0):
 
 def test_every_case_same_in_both_modes(dns_lab, keys):
     cases = {n: c for n, c in dnsfix.cases(keys).items()}
+    # a wildcard in the NSEC3 zone (the NSEC ones are in the shared cases)
+    cases[WILD6] = ("secure-key", [_pub(keys.ed448)])
     names = list(cases) + ["host.silent.example"]
     netns = dns_lab["client"].name
     results = {

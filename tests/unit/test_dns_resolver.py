@@ -234,3 +234,17 @@ async def test_stripped_signatures_are_bogus_not_insecure(server, fake_apex):
     _Liar(server, fake_apex)
     a = await _resolver(server).lookup("ed25519.oe.example")
     assert a.status == "bogus", a.reason
+
+
+async def test_wildcard_answer_needs_its_nsec_proof(server):
+    r = _resolver(server)
+    assert (await r.lookup("x.wild.oe.example")).status == "secure-key"
+    real = server.answer
+
+    def no_proof(query):  # an attacker replays the wildcard answer for a name that exists
+        resp = real(query)
+        resp.authority = []
+        return resp
+    server.answer = no_proof
+    a = await _resolver(server).lookup("y.wild.oe.example")
+    assert a.status == "bogus" and "wildcard" in a.reason
