@@ -12,8 +12,8 @@ import struct
 from dataclasses import dataclass
 from typing import ClassVar, Union
 
-from oe_agent.ike.const import (CertEncoding, CfgType, IdType, NotifyType, PayloadType,
-                                ProtocolId, TransformAttributeType, TsType)
+from oe_agent.ike.const import (CfgType, IdType, NotifyType, PayloadType, ProtocolId,
+                                TransformAttributeType, TsType)
 from oe_agent.ike.errors import IkeProtocolError
 from oe_agent.model import TrafficSelector
 
@@ -489,5 +489,4 @@ __all__ = [
     "IdInitiator", "IdResponder", "Certificate", "CertificateRequest", "Authentication", "Notify",
     "Delete", "VendorId", "TsInitiator", "TsResponder", "ConfigAttribute", "Configuration",
     "EncryptedPayload", "UnknownPayload", "Payload", "PAYLOAD_CLASSES", "parse_payload",
-    "CertEncoding",
 ]
