@@ -22,7 +22,6 @@ import dns.name
 import dns.rcode
 import dns.rdatatype
 import dns.tsig
-import dns.tsigkeyring
 import dns.update
 
 from oe_agent.dns import transport

@@ -17,11 +17,10 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-import time
 import dataclasses
+import time
 from dataclasses import dataclass
 
-import dns.edns
 import dns.flags
 import dns.message
 import dns.name

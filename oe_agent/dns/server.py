@@ -23,7 +23,6 @@ import dns.exception
 import dns.flags
 import dns.message
 import dns.name
-import dns.node
 import dns.opcode
 import dns.rcode
 import dns.rdataclass
