@@ -10,7 +10,7 @@ PKGS="strongswan-charon strongswan-swanctl strongswan-pki libcharon-extra-plugin
   nftables qemu-system-x86 linux-image-amd64 busybox-static gcc libc6-dev linux-libc-dev
   libnss3-tools libnss3 libnspr4 libevent-core-2.1-7 libevent-pthreads-2.1-7 libunbound8 libldns3
   libcap-ng0 libcurl3-nss libldap-2.5-0 libaudit1 libpam0g libselinux1 libsystemd0 libcrypt1
-  dns-root-data"
+  dns-root-data tshark"
 missing=""
 for p in $PKGS; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
