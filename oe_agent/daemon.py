@@ -65,7 +65,9 @@ async def make_dataplane(cfg: Config):
         return kernel.KernelDataplane()
     from oe_agent.esp.dataplane import UserspaceDataplane
 
-    return UserspaceDataplane(hold_max=max(1, cfg.hold_packets), udp_port=cfg.natt_port)
+    # the IKE link owns port 4500 and hands ESP-in-UDP over (attach_udp / esp_received)
+    return UserspaceDataplane(hold_max=max(1, cfg.hold_packets), udp_port=cfg.natt_port,
+                              own_udp=False)
 
 
 def make_resolver(cfg: Config):
@@ -83,12 +85,10 @@ def make_resolver(cfg: Config):
 
 
 def make_ike(cfg: Config, agent: Agent, dataplane):
-    """The IKE adapter bound to the agent (None if the engine is not in this build)."""
-    link = _optional("oe_agent.agent.ike_link")
-    if link is None:
-        log.warning("IKE engine not available: negotiations will fail (silent)")
-        return None
-    return link.IkeLinkAdapter(cfg, agent, dataplane)
+    """The IKE engine's adapter, bound to the agent."""
+    from oe_agent.agent.ike_link import IkeLinkAdapter
+
+    return IkeLinkAdapter(cfg, agent, dataplane)
 
 
 class Daemon:
@@ -115,9 +115,8 @@ class Daemon:
         await server.start()  # first: refuses to run twice on one socket
         loop = asyncio.get_running_loop()
         try:
+            await agent.ike.start(local)  # sockets first: static peers may start at once
             await agent.start()
-            if agent.ike is not None and hasattr(agent.ike, "start"):
-                await agent.ike.start()
             loop.add_signal_handler(signal.SIGHUP, self._reload)
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self._stop.set)
@@ -133,9 +132,8 @@ class Daemon:
             for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
             await server.stop()
-            if agent.ike is not None and hasattr(agent.ike, "stop"):
-                agent.ike.stop()
-            await agent.stop()
+            await agent.stop()  # IKE Deletes go out before the sockets close
+            agent.ike.stop()
             log.info("oe-agent stopped")
         return 0
 

@@ -13,6 +13,8 @@ import sys
 import time
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from tests.conftest import needs
 
@@ -43,6 +45,13 @@ def kernel_dataplane_present() -> bool:
         return True
     except ImportError:
         return False
+
+
+def write_key(path):
+    k = ed25519.Ed25519PrivateKey.generate()
+    path.write_bytes(k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                     serialization.NoEncryption()))
+    return path
 
 
 def write_policies(d, **groups):
@@ -88,8 +97,9 @@ def test_daemon_groups_reload_cli_and_clean_stop(hosts, dataplane):
                    block="203.0.113.0/24\n")
     sock = wd / "ctl.sock"
     cfg = wd / "oe.toml"
+    key = write_key(wd / "hostkey.pem")
     cfg.write_text(f'[agent]\npolicies = "{pol}"\nsocket = "{sock}"\ndataplane = "{dataplane}"\n'
-                   f'idle_timeout = 0\n[dns]\nresolvers = ["192.0.2.53"]\ndnssec = "off"\ntimeout = 60.0\n'
+                   f'idle_timeout = 0\n[identity]\nkey = "{key}"\n[dns]\nresolvers = ["192.0.2.53"]\ndnssec = "off"\ntimeout = 60.0\n'
                    f'[shunts.lifetimes]\nnegotiation = 600\n')  # the silent resolver: a long hold
     before = state(h, dataplane)
     p = h.popen(sys.executable, "-m", "oe_agent", "run", "-c", str(cfg), log="agent.log")
@@ -152,7 +162,9 @@ def test_second_daemon_on_the_same_socket_is_refused(hosts):
     write_policies(pol, private="192.0.2.0/24\n")
     sock = h.workdir / "ctl.sock"
     cfg = h.workdir / "oe.toml"
-    cfg.write_text(f'[agent]\npolicies = "{pol}"\nsocket = "{sock}"\ndataplane = "userspace"\n')
+    key = write_key(h.workdir / "hostkey.pem")
+    cfg.write_text(f'[agent]\npolicies = "{pol}"\nsocket = "{sock}"\ndataplane = "userspace"\n'
+                   f'[identity]\nkey = "{key}"\n')
     p = h.popen(sys.executable, "-m", "oe_agent", "run", "-c", str(cfg), log="a1.log")
     try:
         poll(lambda: oe("status", "--socket", str(sock), check=False).returncode == 0

@@ -1,0 +1,217 @@
+"""Two agents with the real IKE engine (IkeEndpoint/IkeSa), wired in memory.
+
+Each agent has its own core, fake dataplane and fake resolver (answering with the other's real
+public key); datagrams pass between the two IkeLinkAdapters through the event loop.
+"""
+import asyncio
+import ipaddress
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from oe_agent.agent.core import Agent
+from oe_agent.agent.ike_link import IkeLinkAdapter
+from oe_agent.agent.peer import PeerState
+from oe_agent.config import parse
+from oe_agent.ike import auth as ikeauth
+from oe_agent.model import Acquire
+from tests.unit.test_agent_fakes import Answer, FakeDataplane, FakeResolver, Key, groups
+
+A = ipaddress.ip_address("192.0.2.1")
+B = ipaddress.ip_address("192.0.2.2")
+A6 = ipaddress.ip_address("2001:db8::1")
+B6 = ipaddress.ip_address("2001:db8::2")
+
+
+class Side:
+    def __init__(self, addr, addr6, group_texts, cfg_extra=""):
+        self.addr, self.addr6 = addr, addr6
+        self.key = ed25519.Ed25519PrivateKey.generate()
+        self.cfg = parse(f'[agent]\naddresses = ["{addr}", "{addr6}"]\n' + cfg_extra)
+        self.dp = FakeDataplane()
+        self.res = FakeResolver()
+        self.agent = Agent(self.cfg, self.dp, None, self.res,
+                           groups(group_texts, exempt=(addr, addr6)))
+        self.null = "auth_null = true" in cfg_extra and "nokey" in cfg_extra
+        cred = ikeauth.NullCredential() if self.null else ikeauth.SignatureCredential(self.key)
+        self.link = IkeLinkAdapter(self.cfg, self.agent, self.dp, credential=cred)
+        self.agent.ike = self.link
+
+    def publish(self, other, status="secure-key"):
+        """What the other side's resolver answers for our addresses."""
+        keys = (Key(self.key.public_key()),) if status in ("secure-key", "insecure") else ()
+        for a in (self.addr, self.addr6):
+            other.res.answers[str(a)] = Answer(status, keys, ttl=600)
+
+    def state(self, remote):
+        p = self.agent.peers.get(ipaddress.ip_address(remote))
+        return p.state if p else PeerState.TRAP
+
+
+async def pair(ga, gb, extra_a="", extra_b=""):
+    a, b = Side(A, A6, ga, extra_a), Side(B, B6, gb, extra_b)
+    loop = asyncio.get_running_loop()
+
+    def wire(dst):
+        return lambda dg: loop.call_soon(dst.link.receive, dg.data, (dg.remote, dg.remote_port),
+                                         (dg.local, dg.local_port))
+    a.link._transport, b.link._transport = wire(b), wire(a)
+    tasks = []
+    for s in (a, b):
+        await s.agent.start()
+        await s.link.start()
+        tasks.append(asyncio.create_task(s.agent.run()))
+    return a, b, tasks
+
+
+async def close(a, b, tasks):
+    for s in (a, b):
+        await s.agent.stop()
+        s.link.stop()
+    await asyncio.wait_for(asyncio.gather(*tasks), 5)
+
+
+async def until(pred, what):
+    for _ in range(500):
+        if pred():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+POC = {"private-or-clear": "192.0.2.0/24\n2001:db8::/64\n"}
+COP = {"clear-or-private": "192.0.2.0/24\n2001:db8::/64\n"}
+PRIV = {"private": "192.0.2.0/24\n2001:db8::/64\n"}
+
+
+def mirrored(a, b):
+    (sa_a,) = a.dp.sas.values()
+    (sa_b,) = b.dp.sas.values()
+    return sa_a.spi_in == sa_b.spi_out and sa_a.spi_out == sa_b.spi_in \
+        and sa_a.encr_key_in == sa_b.encr_key_out
+
+
+@pytest.mark.parametrize("src, dst", [(A, B), (A6, B6)])
+async def test_poc_to_cop_gives_one_authenticated_sa_pair(src, dst):
+    a, b, tasks = await pair(POC, COP)
+    try:
+        a.publish(b)
+        b.publish(a)
+        a.agent.post(Acquire(src=src, dst=dst))
+        await until(lambda: a.state(dst) is PeerState.UP and b.state(src) is PeerState.UP, "SA up")
+        assert mirrored(a, b)
+        assert a.dp.shunts == {} and b.dp.shunts == {}
+        assert a.res.asked == [str(dst)] and b.res.asked == [str(src)]
+        assert "authenticated (DNSSEC key)" in a.agent.explain(dst, a.agent.clock())["now"]
+        assert "authenticated (DNSSEC key)" in b.agent.explain(src, b.agent.clock())["now"]
+    finally:
+        await close(a, b, tasks)
+
+
+async def test_no_key_published_gives_clear_for_poc_and_drop_for_private():
+    a, b, tasks = await pair(POC, COP)
+    try:
+        b.publish(a, "secure-denial")
+        a.agent.post(Acquire(src=A, dst=B))
+        await until(lambda: a.state(B) is PeerState.SHUNTED, "failure shunt")
+        s = a.agent.shunts.get(B)
+        assert (s.kind.value, s.reason, s.lifetime) == ("pass", "no-key", 900)
+        assert a.dp.sas == {} and b.dp.sas == {}
+    finally:
+        await close(a, b, tasks)
+    a, b, tasks = await pair(PRIV, COP)
+    try:
+        b.publish(a, "secure-denial")
+        a.agent.post(Acquire(src=A, dst=B))
+        await until(lambda: a.state(B) is PeerState.SHUNTED, "failure shunt")
+        assert a.agent.shunts.get(B).kind.value == "drop"
+    finally:
+        await close(a, b, tasks)
+
+
+async def test_wrong_key_in_dns_is_refused():
+    a, b, tasks = await pair(PRIV, COP)
+    try:
+        a.publish(b)
+        other = ed25519.Ed25519PrivateKey.generate().public_key()
+        a.res.answers[str(B)] = Answer("secure-key", (Key(other),))
+        a.agent.post(Acquire(src=A, dst=B))
+        await until(lambda: a.state(B) is PeerState.SHUNTED, "failure shunt")
+        s = a.agent.shunts.get(B)
+        assert (s.kind.value, s.reason) == ("drop", "refused")
+        assert a.dp.sas == {} and b.dp.sas == {}
+    finally:
+        await close(a, b, tasks)
+
+
+async def test_clear_group_does_not_answer():
+    a, b, tasks = await pair(POC, {"clear": "192.0.2.0/24\n"})
+    try:
+        a.publish(b)
+        b.publish(a)
+        a.agent.post(Acquire(src=A, dst=B))
+        await until(lambda: b.link.endpoint.dropped >= 1, "B to drop the IKE_SA_INIT")
+        assert b.link.endpoint.sas == [] and B not in a.dp.sas
+        assert b.state(A) is PeerState.TRAP
+    finally:
+        await close(a, b, tasks)
+
+
+async def test_mutual_initiation_ends_in_one_sa_pair():
+    a, b, tasks = await pair(POC, POC)
+    try:
+        a.publish(b)
+        b.publish(a)
+        a.agent.post(Acquire(src=A, dst=B))
+        b.agent.post(Acquire(src=B, dst=A))
+        await until(lambda: a.state(B) is PeerState.UP and b.state(A) is PeerState.UP, "SA up")
+        await until(lambda: len(a.dp.sas) == 1 and len(b.dp.sas) == 1
+                    and len(a.link.endpoint.sas) == 1 and len(b.link.endpoint.sas) == 1,
+                    "the tie-break to leave one IKE SA and one Child SA pair")
+        assert mirrored(a, b)
+    finally:
+        await close(a, b, tasks)
+
+
+async def test_auth_null_opportunistic_without_keys():
+    a, b, tasks = await pair(POC, COP, "[ike]\nauth_null = true\n# nokey\n",
+                             "[ike]\nauth_null = true\n# nokey\n")
+    try:
+        a.publish(b, "secure-denial")
+        b.publish(a, "secure-denial")
+        a.agent.post(Acquire(src=A, dst=B))
+        await until(lambda: a.state(B) is PeerState.UP and b.state(A) is PeerState.UP, "SA up")
+        assert mirrored(a, b)
+        assert "AUTH_NULL" in a.agent.explain(B, a.agent.clock())["now"]
+    finally:
+        await close(a, b, tasks)
+
+
+async def test_rekey_through_the_engine_replaces_the_pair():
+    a, b, tasks = await pair(POC, COP)
+    try:
+        a.publish(b)
+        b.publish(a)
+        a.agent.post(Acquire(src=A, dst=B))
+        await until(lambda: a.state(B) is PeerState.UP and b.state(A) is PeerState.UP, "SA up")
+        (old,) = a.dp.sas
+        from oe_agent.model import SaExpire
+        a.agent.post(SaExpire(spi=old, dst=A, hard=False))
+        await until(lambda: len(a.dp.sas) == 1 and old not in a.dp.sas and len(b.dp.sas) == 1
+                    and set(a.dp.sas) != {old}, "rekeyed pair")
+        await until(lambda: mirrored(a, b), "both sides on the new pair")
+    finally:
+        await close(a, b, tasks)
+
+
+async def test_stop_deletes_the_peer_sas_too():
+    a, b, tasks = await pair(POC, COP)
+    try:
+        a.publish(b)
+        b.publish(a)
+        a.agent.post(Acquire(src=A, dst=B))
+        await until(lambda: b.state(A) is PeerState.UP, "SA up")
+        await a.agent.stop()  # sends the IKE Delete
+        await until(lambda: b.state(A) is PeerState.TRAP and b.dp.sas == {}, "B to remove its SAs")
+    finally:
+        await close(a, b, tasks)
