@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import inspect
 import ipaddress
 import logging
 import os
@@ -201,11 +202,24 @@ class UserspaceDataplane:
         self._sa_host.clear()
         self._sa_nets.clear()
 
-    def attach_udp(self, send_esp: Sender) -> None:
+    def attach_udp(self, send_esp: Callable) -> None:
         """Send ESP-in-UDP through the IKE adapter's port-4500 sockets:
-        `send_esp(data, (local addr, port), (remote addr, port))` (IkeAdapter.send_esp). The
-        adapter hands ESP it receives to `on_esp` (IkeAdapter(on_esp=dataplane.on_esp))."""
-        self._udp_send = send_esp
+        `send_esp(data, (local addr, port), (remote addr, port))` (IkeAdapter.send_esp), or
+        `send_esp(data, (remote addr, port))` for an owner with one socket per family. The
+        adapter hands ESP it receives to `on_esp` / `esp_received`. Called after `start`, it
+        also closes the 4500 sockets the dataplane opened itself: the port is the adapter's."""
+        try:
+            params = inspect.signature(send_esp).parameters.values()
+            nargs = sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
+        except (TypeError, ValueError):
+            nargs = 3
+        if nargs == 2:
+            self._udp_send = lambda data, local, remote: send_esp(data, remote)
+        else:
+            self._udp_send = send_esp
+        if self._udp is not None and self._loop is not None:
+            self._udp.close(self._loop)
+            self._udp = None
 
     def on_esp(self, data: bytes, local: tuple, remote: tuple) -> None:
         """IkeAdapter's on_esp callback: an ESP datagram (marker split done) from `remote`."""

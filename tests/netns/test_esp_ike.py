@@ -29,7 +29,7 @@ from oe_agent.ike.payloads import IdInitiator
 from oe_agent.ike.sa import IkeConfig
 from oe_agent.model import Mode
 
-async def main(local, remote, key, peer, initiate, mode):
+async def main(local, remote, key, peer, initiate, mode, late_attach=False):
     cfg = IkeConfig(
         local_id=IdInitiator.from_address(local),
         credential=auth.SignatureCredential(
@@ -37,7 +37,7 @@ async def main(local, remote, key, peer, initiate, mode):
         peer_keys=(serialization.load_pem_public_key(open(peer, "rb").read()),),
         ike_proposals=("aes256gcm16-prfsha256-x25519",), esp_proposals=("aes128gcm16",),
         mode=Mode(mode))
-    dp = UserspaceDataplane(own_udp=False)
+    dp = UserspaceDataplane(own_udp=late_attach)
     pending = []
 
     def on_event(sa, ev):
@@ -48,9 +48,14 @@ async def main(local, remote, key, peer, initiate, mode):
                                                           f.exception(), flush=True))
 
     ike = IkeAdapter([local], lambda l, r: cfg, on_event, on_esp=dp.on_esp)
-    dp.attach_udp(ike.send_esp)
-    await ike.start()
-    await dp.start()
+    if late_attach:  # the daemon's order: the dataplane starts (binding 4500), IKE takes over
+        await dp.start()
+        await ike.start()
+        dp.attach_udp(ike.send_esp)
+    else:
+        dp.attach_udp(ike.send_esp)
+        await ike.start()
+        await dp.start()
     stop = asyncio.Event()
     for s in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(s, stop.set)
@@ -63,7 +68,7 @@ async def main(local, remote, key, peer, initiate, mode):
     ike.close()
     print("COUNTERS", json.dumps(sas), json.dumps(dict(dp.stats)), flush=True)
 
-asyncio.run(main(*sys.argv[1:5], sys.argv[5] == "1", sys.argv[6]))
+asyncio.run(main(*sys.argv[1:5], sys.argv[5] == "1", sys.argv[6], sys.argv[7:] == ["late"]))
 '''
 
 
@@ -99,7 +104,8 @@ def test_ike_negotiated_transport_sa_over_userspace_esp(hosts):
         priv, pub = _keys(h, mine, theirs)
         (h.workdir / "driver.py").write_text(DRIVER)
         p = h.popen(sys.executable, str(h.workdir / "driver.py"), h.v4, peer.v4, str(priv),
-                    str(pub), init, "transport", log="driver.log", cwd=str(ROOT))
+                    str(pub), init, "transport", *(["late"] if init == "1" else []),
+                    log="driver.log", cwd=str(ROOT))
         _wait_for(h.workdir / "driver.log", b"READY", p)
         drivers.append((h, p))
     for h, p in drivers:
@@ -125,6 +131,8 @@ def test_ike_negotiated_transport_sa_over_userspace_esp(hosts):
         if struct.unpack_from("!H", frame, 12)[0] != 0x0800:
             continue
         info = packet.parse(frame[14:])
+        if {str(info.src), str(info.dst)} != {h1.v4, h2.v4}:
+            continue  # IGMP and other link chatter
         if info.proto == packet.PROTO_ESP:
             esp += 1
         else:

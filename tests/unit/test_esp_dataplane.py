@@ -398,3 +398,16 @@ def test_raw_ipv4_socket_strips_the_ip_header():
     raw._strip_v4(packet.build_ipv4(B, A, packet.PROTO_ESP, esp), (str(B), 0))
     raw._strip_v4(b"\x60" + bytes(50), (str(B), 0))  # not IPv4: ignored
     assert got == [esp]
+
+
+async def test_attach_udp_takes_both_sender_shapes():
+    clock = Clock()
+    pa, _ = sa_pair()
+    sent = []
+    for sender in (lambda data, addr: sent.append(("2", addr)),
+                   lambda data, local, remote: sent.append(("3", local, remote))):
+        dp = make_dp(clock)
+        dp.attach_udp(sender)
+        await dp.add_child_sa(pa)
+        dp.outbound(udp(A, B), clock())
+    assert sent == [("2", (str(B), 4500)), ("3", (str(A), 4500), (str(B), 4500))]
