@@ -86,6 +86,9 @@ def test_every_case_same_in_both_modes(dns_lab, keys):
     assert "NSEC3" in by_query["2001:db8::6"].reason  # knot signs REV6 with NSEC3
     assert "NSEC3" in by_query["0." * 23 + dnsfix.REV6].reason
     assert "by NSEC;" in by_query["nothere.oe.example."].reason + ";"
+    by_ad = {a.query: a for a in results["unbound's AD bit"]}
+    # unbound says why with an extended DNS error (RFC 8914), kept as the reason
+    assert by_ad["host.tampered.oe.example."].reason.startswith("resolver: DNSSEC Bogus")
     v6 = next(a for a in results["unbound's AD bit"] if a.query == "2001:db8::b")
     assert len(v6.keys) == 2  # two RSA-4096 keys: over 1232 bytes, fetched over TCP
 
