@@ -36,6 +36,8 @@ _TOKENS: dict[str, tuple[int, int, int | None]] = {
     "chacha20poly1305": (TransformType.ENCR, EncrId.CHACHA20_POLY1305, None),
     "sha256": (TransformType.INTEG, IntegId.HMAC_SHA2_256_128, None),
     "sha2_256": (TransformType.INTEG, IntegId.HMAC_SHA2_256_128, None),
+    "sha384": (TransformType.INTEG, IntegId.HMAC_SHA2_384_192, None),
+    "sha512": (TransformType.INTEG, IntegId.HMAC_SHA2_512_256, None),
     "prfsha256": (TransformType.PRF, PrfId.HMAC_SHA2_256, None),
     "prfsha384": (TransformType.PRF, PrfId.HMAC_SHA2_384, None),
     "prfsha512": (TransformType.PRF, PrfId.HMAC_SHA2_512, None),
@@ -46,6 +48,11 @@ _TOKENS: dict[str, tuple[int, int, int | None]] = {
     "esn": (TransformType.ESN, EsnId.ESN, None),
     "noesn": (TransformType.ESN, EsnId.NO_ESN, None),
 }
+
+
+_INTEG_PRF = {IntegId.HMAC_SHA2_256_128: PrfId.HMAC_SHA2_256,
+              IntegId.HMAC_SHA2_384_192: PrfId.HMAC_SHA2_384,
+              IntegId.HMAC_SHA2_512_256: PrfId.HMAC_SHA2_512}
 
 
 class ProposalSyntaxError(ValueError):
@@ -74,8 +81,16 @@ def parse_proposal(text: str, protocol: int, number: int = 1) -> Proposal:
     aead = {t.id in AEAD for t in encrs}
     if len(aead) > 1:
         raise ProposalSyntaxError(f"proposal {text!r} mixes AEAD and non-AEAD ciphers")
-    if not aead.pop() and TransformType.INTEG not in types:
+    is_aead = aead.pop()
+    if not is_aead and TransformType.INTEG not in types:
         raise ProposalSyntaxError(f"proposal {text!r}: AES-CBC needs an integrity algorithm")
+    if is_aead and TransformType.INTEG in types:
+        if protocol != ProtocolId.IKE or TransformType.PRF in types:
+            raise ProposalSyntaxError(f"proposal {text!r}: an AEAD cipher takes no integrity")
+        # strongSwan reads "aes128gcm16-sha256-x25519" as PRF-HMAC-SHA2-256 for IKE
+        transforms = [Transform(TransformType.PRF, _INTEG_PRF[t.id]) if
+                      t.type == TransformType.INTEG else t for t in transforms]
+        types = {t.type for t in transforms}
     if protocol == ProtocolId.IKE:
         if TransformType.ESN in types:
             raise ProposalSyntaxError(f"ESN is an ESP transform, not IKE ({text!r})")
