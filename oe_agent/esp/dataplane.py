@@ -94,6 +94,7 @@ class UserspaceDataplane:
         self._sa_host: dict[bytes, list[ChildSa]] = {}  # single-address ts_remote, packed
         self._sa_nets: list[ChildSa] = []  # wider ts_remote (tunnel mode gateways)
         self._policies: dict[tuple[IPNetwork, int, int], str] = {}
+        self._by_net: dict[IPNetwork, dict[tuple[int, int], str]] = {}  # net -> (proto, port)
         self._shunts: dict[IPAddress, _Shunt] = {}
         self._held: dict[IPAddress, _Held] = {}
         self._acquiring: dict[IPAddress, float] = {}
@@ -277,16 +278,18 @@ class UserspaceDataplane:
     async def _sync_route(self, net: IPNetwork) -> None:
         """The table entry for `net` from what wants it: SAs and trap/block policies need oe0;
         a pass policy or pass shunt alone makes it a route exception."""
-        host = net.prefixlen == net.max_prefixlen
-        kinds = {k for (n, _, _), k in self._policies.items() if n == net}
-        want_tun = self._sa_routes[net] > 0 or bool(kinds & {TRAP, BLOCK})
-        want_throw = (PASS in kinds and (net, 0, 0) in self._policies) or (
-            host and (s := self._shunts.get(net.network_address)) is not None
-            and s.kind is ShuntKind.PASS)
-        if want_throw and not self._sa_routes[net]:
-            await self._route_add(net, "throw")
-        elif want_tun:
+        by_port = self._by_net.get(net, {})
+        kinds = set(by_port.values())
+        shunt = self._shunts.get(net.network_address) if (
+            net.prefixlen == net.max_prefixlen) else None
+        if self._sa_routes[net] > 0:
             await self._route_add(net, "oe0")
+        elif shunt is not None and shunt.kind is ShuntKind.PASS:
+            await self._route_add(net, "throw")  # a failure/negotiation pass beats the trap
+        elif kinds & {TRAP, BLOCK}:  # a pass for some ports only is decided in userspace
+            await self._route_add(net, "oe0")
+        elif by_port.get((0, 0)) == PASS:
+            await self._route_add(net, "throw")
         else:
             await self._route_del(net)
 
@@ -313,8 +316,12 @@ class UserspaceDataplane:
         key = (net, proto, port)
         if kind is None:
             self._policies.pop(key, None)
+            self._by_net.get(net, {}).pop((proto, port), None)
+            if not self._by_net.get(net, True):
+                del self._by_net[net]
         else:
             self._policies[key] = kind
+            self._by_net.setdefault(net, {})[(proto, port)] = kind
         if (proto or port) and (kind == PASS) != (key in self._port_rules):
             await self._port_rule(key, add=kind == PASS)
         await self._sync_route(net)
@@ -332,17 +339,20 @@ class UserspaceDataplane:
         await self._set_policy(dst, proto, port, None)
 
     def policy_for(self, info: packet.IpInfo) -> str | None:
-        """Longest prefix, then the most specific protocol/port (product.md §2)."""
-        best, best_rank = None, (-1, -1, -1)
-        for (net, proto, port), kind in self._policies.items():
-            if net.version != info.version or info.dst not in net:
-                continue
-            if proto and proto != info.proto or port and port != info.dport:
-                continue
-            rank = (net.prefixlen, bool(proto), bool(port))
-            if rank > best_rank:
-                best, best_rank = kind, rank
-        return best
+        """Longest prefix, then the most specific protocol/port (product.md §2): one dict
+        lookup per prefix length, however many policies there are."""
+        if not self._by_net:
+            return None
+        dst = info.dst
+        bits = dst.max_prefixlen
+        for plen in range(bits, -1, -1):
+            by_port = self._by_net.get(ipaddress.ip_network((dst, plen), strict=False))
+            if by_port:
+                for key in ((info.proto, info.dport), (info.proto, 0), (0, 0)):
+                    kind = by_port.get(key)
+                    if kind is not None:
+                        return kind
+        return None
 
     # --- shunts ------------------------------------------------------------------------------
 

@@ -411,3 +411,30 @@ async def test_attach_udp_takes_both_sender_shapes():
         await dp.add_child_sa(pa)
         dp.outbound(udp(A, B), clock())
     assert sent == [("2", (str(B), 4500)), ("3", (str(A), 4500), (str(B), 4500))]
+
+
+async def test_longest_prefix_then_most_specific_port():
+    dp = make_dp(Clock())
+    await dp.set_trap(ipaddress.ip_network("192.0.2.0/24"))
+    await dp.set_pass(ipaddress.ip_network("192.0.2.0/25"))
+    await dp.set_block(ipaddress.ip_network("192.0.2.0/25"), packet.PROTO_UDP)
+    await dp.set_trap(ipaddress.ip_network("192.0.2.0/25"), packet.PROTO_UDP, 5678)
+    await dp.set_block(ipaddress.ip_network("192.0.2.2/32"), packet.PROTO_TCP, 22)
+
+    def kind(dst, proto=packet.PROTO_UDP, dport=5678):
+        info = packet.parse(udp(A, ipaddress.ip_address(dst)))._replace(proto=proto, dport=dport)
+        return dp.policy_for(info)
+
+    assert kind("192.0.2.200") == "trap"
+    assert kind("192.0.2.100") == "trap"  # /25 udp 5678
+    assert kind("192.0.2.100", dport=53) == "block"  # /25 udp
+    assert kind("192.0.2.100", packet.PROTO_ICMP, 0) == "pass"  # /25
+    assert kind("192.0.2.2", packet.PROTO_TCP, 22) == "block"  # /32 tcp 22
+    assert kind("192.0.2.2", packet.PROTO_TCP, 80) == "pass"  # /32 has no tcp 80: /25 wins
+    assert kind("198.51.100.1") is None
+    # the /25 carries trap/block for some ports: it must route into oe0, pass decided here
+    assert dp._routes[ipaddress.ip_network("192.0.2.0/25")] == "oe0"
+    await dp.set_shunt(A, B, ShuntKind.PASS, 0)
+    assert dp._routes[ipaddress.ip_network(f"{B}/32")] == "throw"
+    await dp.clear_shunt(A, B)
+    assert dp._routes[ipaddress.ip_network(f"{B}/32")] == "oe0"  # its tcp/22 block remains
