@@ -121,7 +121,7 @@ class Charon:
         return Vici(self.socket)
 
     def load_key(self, key: KeyPair) -> None:
-        self.vici.command("load-key", {"type": key.kind, "data": key.private_pem})
+        self.vici.command("load-key", {"type": key.vici_type, "data": key.private_pem})
 
     def load_conn(self, name: str, conn: dict[str, Any]) -> None:
         self.vici.command("load-conn", {name: conn})

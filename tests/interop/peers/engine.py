@@ -96,6 +96,9 @@ class EnginePeer:
                 out.append(json.loads(line[6:]))
         return out
 
+    def events_named(self, name: str) -> list[dict]:
+        return [e for e in self.events() if e["event"] == name]
+
     def wait_event(self, name: str | tuple[str, ...], match=lambda e: True, timeout: float = 20.0,
                    new_only: bool = True) -> dict:
         """The first event `name` (or any of several names), after the last one returned if

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 # RSA size: 2048 is enough for interop and keeps key generation cheap on a shared 2-core box.
 RSA_BITS = 2048
@@ -17,8 +17,13 @@ RSA_BITS = 2048
 class KeyPair:
     """A private key and its public half, with the encodings the peers read."""
 
-    kind: str  # "ed25519" or "rsa"
-    private: ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey
+    kind: str  # "ed25519", "rsa" or "ecdsa-p256"
+    private: ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+
+    @property
+    def vici_type(self) -> str:
+        """charon's load-key type."""
+        return {"ed25519": "ed25519", "rsa": "rsa", "ecdsa-p256": "ecdsa"}[self.kind]
 
     @property
     def public(self):
@@ -62,7 +67,9 @@ def generate(kind: str) -> KeyPair:
         return KeyPair(kind, ed25519.Ed25519PrivateKey.generate())
     if kind == "rsa":
         return KeyPair(kind, rsa.generate_private_key(public_exponent=65537, key_size=RSA_BITS))
-    raise ValueError(f"unknown key kind {kind!r} (ed25519 or rsa)")
+    if kind == "ecdsa-p256":
+        return KeyPair(kind, ec.generate_private_key(ec.SECP256R1()))
+    raise ValueError(f"unknown key kind {kind!r} (ed25519, rsa or ecdsa-p256)")
 
 
 def load_public_pem(data: bytes):
