@@ -248,3 +248,36 @@ async def test_wildcard_answer_needs_its_nsec_proof(server):
     server.answer = no_proof
     a = await _resolver(server).lookup("y.wild.oe.example")
     assert a.status == "bogus" and "wildcard" in a.reason
+
+
+async def test_mangled_answers_never_raise(server):
+    """Answers with random bytes changed: every lookup ends in a status, none raises; a
+    change the signatures cover is never accepted as secure with a different key."""
+    import random
+    from oe_agent.dns.resolver import STATUSES
+    rng = random.Random(4025)
+    real = server.handle_wire
+    good = {}
+
+    def mangle(wire, udp):
+        out = real(wire, udp)
+        if out is None or b"\x00\x2d\x00\x01" not in wire:  # only IPSECKEY IN questions
+            return out
+        b = bytearray(out)
+        for _ in range(rng.randint(1, 4)):
+            b[rng.randrange(12, len(b))] = rng.randrange(256)
+        return bytes(b)
+
+    names = ["gw.oe.example", "malformed.oe.example", "192.0.2.5", "nothere.oe.example"]
+    for n in names:
+        good[n] = {k.key_bytes() for k in (await _resolver(server).lookup(n)).keys}
+    server.handle_wire = mangle
+    seen = set()
+    for i in range(60):
+        n = names[i % len(names)]
+        a = await _resolver(server, timeout=0.2, attempt_timeout=0.1).lookup(n)
+        assert a.status in STATUSES
+        seen.add(a.status)
+        if a.status == "secure-key":
+            assert {k.key_bytes() for k in a.keys} <= good[n]
+    assert "bogus" in seen or "timeout" in seen
