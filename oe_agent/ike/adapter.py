@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import os
 import socket
 from typing import Callable
 
@@ -50,8 +51,6 @@ class IkeAdapter:
                  ike_port: int = 500, natt_port: int = 4500, cookie_threshold: int | None = 10,
                  on_esp: Callable[[bytes, tuple, tuple], None] | None = None,
                  udp_encap: bool = False):
-        import os
-
         self.addresses = [ipaddress.ip_address(a) for a in addresses]
         self.endpoint = IkeEndpoint(rng or os.urandom, responder_config, cookie_threshold)
         self.on_event = on_event
