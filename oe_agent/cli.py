@@ -19,6 +19,7 @@ COMMANDS: list[str] = [
     "oe_agent.ike.decrypt",
     "oe_agent.daemon",
     "oe_agent.control.client",
+    "oe_agent.esp.static",
 ]
 
 

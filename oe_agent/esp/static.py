@@ -47,6 +47,8 @@ def params_to_json(p: ChildSaParams) -> dict:
 
 def params_from_json(d: dict) -> ChildSaParams:
     """ChildSaParams from its JSON form; UserError naming the field that is wrong."""
+    if not isinstance(d, dict):
+        raise UserError(f"child SA: expected an object, got {type(d).__name__}")
     known = {f.name for f in fields(ChildSaParams)}
     unknown = set(d) - known
     if unknown:
@@ -70,6 +72,8 @@ def params_from_json(d: dict) -> ChildSaParams:
 
 async def run(config: dict) -> dict:
     from oe_agent.esp.dataplane import UserspaceDataplane
+    if not isinstance(config, dict) or not isinstance(config.get("child_sas", []), list):
+        raise UserError("config: expected an object with a list 'child_sas'")
     dp = UserspaceDataplane(ifname=config.get("ifname", "oe0"),
                             underlay_mtu=int(config.get("underlay_mtu", 1500)),
                             udp_port=int(config.get("udp_port", 4500)),
@@ -105,6 +109,14 @@ async def run(config: dict) -> dict:
         return {"dataplane": dict(dp.stats), "sas": sa_stats}
     finally:
         await dp.stop()
+
+
+def register(sub) -> None:
+    """`oe-agent esp-static CONFIG.json` (oe_agent.cli)."""
+    p = sub.add_parser("esp-static", help="run the userspace ESP dataplane with manual keys",
+                       description=__doc__.split("\n\n")[0])
+    p.add_argument("config", help="JSON: child_sas, trap/pass/block (see oe_agent/esp/static.py)")
+    p.set_defaults(func=lambda args: main([args.config]))
 
 
 def main(argv: list[str] | None = None) -> int:
