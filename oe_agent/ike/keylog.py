@@ -7,7 +7,10 @@ exactly as Wireshark reads them (Protocols > ISAKMP > IKEv2 Decryption Table, an
 Protocols > ESP > ESP SAs); AEAD keys include the 4-byte salt. Lines starting with `#` are
 comments. The reader also takes strongSwan's save-keys output (same formats, older ESP names
 such as "AES-GCM [RFC4106]"), given the file or the directory holding both tables.
-Wireshark has no IKEv2 name for ChaCha20-Poly1305; we write "CHACHA20-POLY1305 [RFC7634]".
+Wireshark has no IKEv2 name for ChaCha20-Poly1305, and one line it cannot read spoils the
+rest of its table; such IKE SAs are written as `#ikev2: <line>` with the name
+"CHACHA20-POLY1305 [RFC7634]": a comment to Wireshark, a key to `oe-agent decrypt`.
+(Wireshark reads ESP "ChaCha20 with Poly1305 [RFC7634]" from version 4.2 on; 4.0 does not.)
 """
 from __future__ import annotations
 
@@ -34,6 +37,9 @@ for _e in ENCRS.values():
         _IKE_ENCR_NAMES[_e.wireshark_ike(_bits)] = (_e.id, _bits)
 _IKE_INTEG_NAMES: dict[str, int] = {i.wireshark_ike: i.id for i in INTEGS.values()}
 _IKE_INTEG_NAMES["NONE [RFC4306]"] = IntegId.NONE
+
+NOT_FOR_WIRESHARK = "#ikev2: "
+_NO_WIRESHARK_NAME = {ENCRS[EncrId.CHACHA20_POLY1305].wireshark_ike(256)}
 
 # Wireshark's ESP names (both spellings of AES-GCM) -> ENCR id; integrity -> (INTEG id, ICV).
 _ESP_ENCR_NAMES: dict[str, int] = {
@@ -70,7 +76,8 @@ class IkeKeyLine:
         return IkeCipher.from_ids(encr_id, bits, _IKE_INTEG_NAMES[self.integ_name])
 
     def to_line(self) -> str:
-        return (f'{self.spi_i.hex()},{self.spi_r.hex()},{self.sk_ei.hex()},{self.sk_er.hex()},'
+        prefix = NOT_FOR_WIRESHARK if self.encr_name in _NO_WIRESHARK_NAME else ""
+        return (f'{prefix}{self.spi_i.hex()},{self.spi_r.hex()},{self.sk_ei.hex()},{self.sk_er.hex()},'
                 f'"{self.encr_name}",{self.sk_ai.hex()},{self.sk_ar.hex()},"{self.integ_name}"')
 
 
@@ -200,7 +207,9 @@ def parse_keylog(text: str, table: KeyTable | None = None, source: str = "key lo
     table = table if table is not None else KeyTable()
     for n, raw in enumerate(text.splitlines(), 1):
         s = raw.strip()
-        if not s or s.startswith("#"):
+        if s.startswith(NOT_FOR_WIRESHARK):
+            s = s[len(NOT_FOR_WIRESHARK):]
+        elif not s or s.startswith("#"):
             continue
         try:
             fields = next(csv.reader(io.StringIO(s), skipinitialspace=True))

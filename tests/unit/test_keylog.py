@@ -65,6 +65,7 @@ def test_writer_lines_read_back(tmp_path):
 def test_line_round_trip_and_chacha():
     cc = IkeCipher.from_ids(EncrId.CHACHA20_POLY1305, None)
     line = IkeKeyLine.of(SPI_I, SPI_R, cc, _ike_keys(cc))
+    assert line.to_line().startswith("#ikev2: ")  # a comment to Wireshark (no such name)
     table = parse_keylog("# comment\n\n" + line.to_line() + "\n")
     assert table.ike[(SPI_I, SPI_R)] == line and line.cipher() == cc
     params = replace(_child(EspAlgorithm("chacha20-poly1305", 256)), encr_key_in=b"k" * 36,
