@@ -159,7 +159,8 @@ class Publisher:
                        report: Callable[[str], None] = lambda s: None,
                        sleep=asyncio.sleep) -> None:
         """Add new -> wait TTL (caches now hold both) -> switch -> remove old."""
-        wait = self.ttl + 1 if wait is None else wait
+        # one TTL, plus a margin for caches that count whole seconds
+        wait = self.ttl + max(2, self.ttl // 10) if wait is None else wait
         await self.add(new_text)
         report(f"added the new key at {self.owner}; waiting {wait:g}s (the TTL) for caches")
         await sleep(wait)

@@ -131,6 +131,24 @@ def test_publish_verb_with_tsig_file(lab, tmp_path):
     assert answer.status == "secure-key"
     _verifies(priv, answer.keys[0].public_key)
 
+    # then roll pub2 over to the Ed25519 key with the verb; the switch command runs between
+    new_key, switched = lab["hostkeys"]["ed25519"], tmp_path / "switched"
+
+    def roll():
+        out = _cli("publish", "--rollover", "--old-key", str(key), "--key", str(new_key),
+                   "--server", auth, "--fqdn", "pub2.oe.example", "--tsig-file", str(tsig),
+                   "--ttl", "1", "--switch-command", f"touch {switched}")
+
+        async def look():
+            return await KeyResolver([auth], lab["knot"].anchors_text()).lookup(
+                "pub2.oe.example")
+        return out, asyncio.run(look())
+
+    out, answer = dnsfix.run_in_netns(lab["client"].name, roll)
+    assert switched.exists() and "old key removed" in out
+    (only,) = answer.keys
+    _verifies(serialization.load_pem_private_key(new_key.read_bytes(), None), only.public_key)
+
 
 def test_rollover_never_leaves_resolvers_without_the_key_in_use(lab, keys):
     auth = lab["auth"].v4
