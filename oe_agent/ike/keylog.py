@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from oe_agent.ike.const import EncrId, IntegId
-from oe_agent.ike.crypto import ENCRS, INTEGS, Encr, IkeCipher, IkeKeys, Integ
+from oe_agent.ike.crypto import (ENCR_BY_NAME, ENCRS, INTEG_BY_NAME, INTEGS, Encr, IkeCipher,
+                                 IkeKeys, Integ)
 from oe_agent.model import ChildSaParams
 
 
@@ -114,8 +115,6 @@ class EspKeyLine:
 
 def esp_lines(params: ChildSaParams) -> tuple[EspKeyLine, EspKeyLine]:
     """The two esp_sa rows of a Child SA: what we send (spi_out) and what we receive (spi_in)."""
-    from oe_agent.ike.crypto import ENCR_BY_NAME, INTEG_BY_NAME
-
     encr = ENCR_BY_NAME[params.alg.encr]
     encr_name = encr.wireshark_esp(params.alg.encr_key_bits)
     integ_name = INTEG_BY_NAME[params.alg.integ].wireshark_esp if params.alg.integ else "NULL"
