@@ -247,6 +247,16 @@ class IkeSa:
         """Our SPIs of every generation still alive (the endpoint routes by these)."""
         return {k.our_spi for k in [self._ks, *self._retired, *self._candidates()] if k.our_spi}
 
+    def ike_keys(self) -> tuple[bytes, bytes, IkeCipher, IkeKeys] | None:
+        """(SPIi, SPIr, cipher, SK_*) of the current generation, for keylog.KeyLog.log_ike_sa
+        on IkeSaEstablished / IkeSaRekeyed; None before the keys exist."""
+        ks = self._ks
+        return (ks.spi_i, ks.spi_r, ks.cipher, ks.keys) if ks.keys is not None else None
+
+    def __repr__(self) -> str:
+        return (f"<IkeSa {self._ks.spi_i.hex()}/{self._ks.spi_r.hex()} {self.local}->"
+                f"{self.remote} {self.state.value}>")
+
     def connect(self, now: float) -> None:
         """Start IKE_SA_INIT (initiator). Peer keys may arrive later (supply_peer_keys)."""
         self._dispatch(Input.CONNECT, self._ks, None, now)
