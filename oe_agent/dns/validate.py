@@ -52,16 +52,17 @@ def parse_trust_anchors(source) -> dict[dns.name.Name, list[dns.rdata.Rdata]]:
         lines = [str(x) for x in source]
     else:
         text = str(source)
-        p = Path(text) if "\n" not in text and len(text) < 4096 else None
-        if p is not None and p.is_dir():
-            lines = [ln for f in sorted(p.iterdir()) if f.is_file()
-                     for ln in f.read_text().splitlines()]
-        elif p is not None and p.exists():
-            lines = p.read_text().splitlines()
-        elif p is not None and " DS " not in text and " DNSKEY " not in text:
-            raise ValueError(f"trust anchors: no such file {text}")
-        else:
+        if any(c.isspace() for c in text.strip()):  # records, not a path
             lines = text.splitlines()
+        else:
+            p = Path(text)
+            if p.is_dir():
+                lines = [ln for f in sorted(p.iterdir()) if f.is_file()
+                         for ln in f.read_text().splitlines()]
+            elif p.is_file():
+                lines = p.read_text().splitlines()
+            else:
+                raise ValueError(f"trust anchors: no such file {text}")
     anchors: dict[dns.name.Name, list[dns.rdata.Rdata]] = {}
     for n, line in enumerate(lines, 1):
         line = line.split(";")[0].strip()

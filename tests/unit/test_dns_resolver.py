@@ -281,3 +281,18 @@ async def test_mangled_answers_never_raise(server):
         if a.status == "secure-key":
             assert {k.key_bytes() for k in a.keys} <= good[n]
     assert "bogus" in seen or "timeout" in seen
+
+
+async def test_dnskey_trust_anchors_and_anchor_file_errors(server, tmp_path):
+    from oe_agent.dns.validate import parse_trust_anchors
+    lines = [f"{origin} IN DNSKEY {dnskey}" for origin, (_k, dnskey) in server.keys.items()
+             if server.parent_of(origin) is None]
+    f = tmp_path / "anchors"
+    f.write_text("; DNSKEY anchors\n" + "\n".join(lines) + "\n")
+    r = KeyResolver([server.address], str(f), "validate")
+    assert (await r.lookup("192.0.2.5")).status == "secure-key"
+    for bad, words in (("oe.example. IN A 192.0.2.1", "want a DS or DNSKEY"),
+                       ("oe.example. DS 1 2", "line 1"),
+                       (str(tmp_path / "missing"), "no such file")):
+        with pytest.raises(ValueError, match=words):
+            parse_trust_anchors(bad)
