@@ -1356,11 +1356,19 @@ class IkeEndpoint:
         times = [t for t in (sa.get_timer() for sa in self.sas) if t is not None]
         return min(times) if times else None
 
+    def collect(self, sa: IkeSa, now: float) -> None:
+        """Take in what `sa` produced after a direct call (sa.rekey_child(...), ...)."""
+        self._after(sa, now)
+
     def datagrams_to_send(self, now: float) -> list[Datagram]:
+        """Everything to send, including what direct IkeSa calls produced since."""
+        for sa in list(self.sas):
+            self._after(sa, now)
         out, self._out = self._out, []
         return out
 
     def next_event(self) -> tuple[IkeSa, IkeEvent] | None:
+        """(sa, event); call datagrams_to_send(now) first after direct IkeSa calls."""
         return self._events.popleft() if self._events else None
 
     def _after(self, sa: IkeSa, now: float) -> None:

@@ -544,3 +544,15 @@ def test_ipv6_pair(keys):
     p.run()
     a, _ = established(p)
     assert a.ts_local == (TrafficSelector.host(a6),)
+
+
+def test_endpoint_collects_direct_calls(keys):
+    """An API call on an IkeSa (as the agent and the adapter's act() do) goes out with the
+    endpoint's next datagrams_to_send, without waiting for a timer."""
+    ca, cb = configs(keys, "ed25519")
+    h = Hosts.make(ca, cb)
+    sa = h.a.connect(ca, A, B, h.now)
+    h.run()
+    sa.rekey_child(next(iter(sa.children)), h.now)
+    h.run()
+    assert any(isinstance(e, ChildSaRekeyed) for e in h.events["b"])
