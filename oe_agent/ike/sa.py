@@ -17,6 +17,7 @@ import ipaddress
 import struct
 from collections import deque
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from typing import Any, Callable
 
 from cryptography.hazmat.primitives import hashes
@@ -92,11 +93,31 @@ class IkeConfig:
     float_always: bool = True  # move IKE to natt_port after IKE_SA_INIT even without NAT
     initial_contact: bool = True
 
+    def __post_init__(self):
+        """Refuse a config that cannot work, at once (ValueError / ProposalSyntaxError)."""
+        self.ike_offer()
+        self.esp_offer()
+        if not isinstance(self.credential, (ikeauth.SignatureCredential,
+                                            ikeauth.PskCredential, ikeauth.NullCredential)):
+            raise ValueError(f"credential must be an auth.*Credential, not "
+                             f"{type(self.credential).__name__}")
+        if not hasattr(self.local_id, "id_type") or not hasattr(self.local_id, "data"):
+            raise ValueError("local_id must be an IdInitiator/IdResponder value")
+        if self.retransmit_tries < 1 or self.retransmit_timeout <= 0:
+            raise ValueError("retransmit_tries >= 1 and retransmit_timeout > 0 are needed")
+        if not isinstance(self.mode, Mode):
+            raise ValueError(f"mode must be a model.Mode, not {self.mode!r}")
+
     def ike_offer(self) -> tuple[Proposal, ...]:
-        return proposals(self.ike_proposals, ProtocolId.IKE)
+        return _offer(tuple(self.ike_proposals), ProtocolId.IKE)
 
     def esp_offer(self) -> tuple[Proposal, ...]:
-        return proposals(self.esp_proposals, ProtocolId.ESP)
+        return _offer(tuple(self.esp_proposals), ProtocolId.ESP)
+
+
+@lru_cache(maxsize=64)
+def _offer(texts: tuple[str, ...], protocol: int) -> tuple[Proposal, ...]:
+    return proposals(texts, protocol)
 
 
 @dataclass(frozen=True)

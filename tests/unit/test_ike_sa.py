@@ -556,3 +556,13 @@ def test_endpoint_collects_direct_calls(keys):
     sa.rekey_child(next(iter(sa.children)), h.now)
     h.run()
     assert any(isinstance(e, ChildSaRekeyed) for e in h.events["b"])
+
+
+@pytest.mark.parametrize("bad", [{"ike_proposals": ("aes999-x25519",)},
+                                 {"esp_proposals": ("aes128gcm16-prfsha256",)},
+                                 {"credential": "key"}, {"local_id": "192.0.2.1"},
+                                 {"retransmit_tries": 0}, {"mode": "tunnel"}])
+def test_config_errors_at_construction(keys, bad):
+    ca, _ = configs(keys, "ed25519")
+    with pytest.raises(ValueError):
+        IkeConfig(**{**ca.__dict__, **bad})
