@@ -84,7 +84,8 @@ def prf_for(prf_id: int) -> Prf:
     try:
         return PRFS[prf_id]
     except KeyError:
-        raise IkeProtocolError(NotifyType.NO_PROPOSAL_CHOSEN, f"PRF {prf_id} not supported") from None
+        raise IkeProtocolError(NotifyType.NO_PROPOSAL_CHOSEN,
+                               f"PRF {prf_id} not supported") from None
 
 
 # --- integrity ----------------------------------------------------------------------------
@@ -204,7 +205,8 @@ class IkeCipher:
         e, bits = encr_for(encr_id, key_bits)
         if e.aead:
             if integ_id not in (0, None):
-                raise IkeProtocolError(NotifyType.NO_PROPOSAL_CHOSEN, "AEAD with an INTEG transform")
+                raise IkeProtocolError(NotifyType.NO_PROPOSAL_CHOSEN,
+                                       "AEAD with an INTEG transform")
             return cls(e, bits, None)
         return cls(e, bits, integ_for(integ_id))
 
@@ -358,7 +360,8 @@ class Ecp256Exchange(KeyExchangeMethod):
             pub = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), b"\x04" + peer)
             return self._key.exchange(ec.ECDH(), pub)
         except ValueError:
-            raise IkeProtocolError(NotifyType.INVALID_SYNTAX, "ECP-256 KE not on the curve") from None
+            raise IkeProtocolError(NotifyType.INVALID_SYNTAX,
+                                   "ECP-256 KE not on the curve") from None
 
 
 class Modp2048Exchange(KeyExchangeMethod):

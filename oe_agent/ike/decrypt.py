@@ -21,8 +21,9 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from oe_agent.errors import UserError
 from oe_agent.ike import payloads as pl
 from oe_agent.ike.const import (IKE_PORT, NAT_T_PORT, AuthMethod, CertEncoding, CfgType,
-                                DhId, EncrId, EsnId, ExchangeType, IdType, IntegId, NotifyType,
-                                PayloadType, PrfId, ProtocolId, TransformType, name_of)
+                                DhId, EncrId, EsnId, ExchangeType, HashAlgorithm, IdType,
+                                IntegId, NotifyType, PayloadType, PrfId, ProtocolId,
+                                TransformType, name_of)
 from oe_agent.ike.errors import IkeError, IkeIntegrityError
 from oe_agent.ike.keylog import EspKeyLine, KeyLogError, KeyTable, read_keylog
 from oe_agent.ike.message import Message, classify_udp4500
@@ -46,7 +47,6 @@ def _transform(t: pl.Transform) -> str:
 
 def _notify_data(n: pl.Notify) -> str:
     if n.notify_type == NotifyType.SIGNATURE_HASH_ALGORITHMS and len(n.data) % 2 == 0:
-        from oe_agent.ike.const import HashAlgorithm
         return " " + ",".join(name_of(HashAlgorithm, int.from_bytes(n.data[i:i + 2], "big"))
                               for i in range(0, len(n.data), 2))
     if n.notify_type == NotifyType.INVALID_KE_PAYLOAD and len(n.data) == 2:

@@ -78,7 +78,8 @@ class IkeKeyLine:
 
     def to_line(self) -> str:
         prefix = NOT_FOR_WIRESHARK if self.encr_name in _NO_WIRESHARK_NAME else ""
-        return (f'{prefix}{self.spi_i.hex()},{self.spi_r.hex()},{self.sk_ei.hex()},{self.sk_er.hex()},'
+        return (f'{prefix}{self.spi_i.hex()},{self.spi_r.hex()},'
+                f'{self.sk_ei.hex()},{self.sk_er.hex()},'
                 f'"{self.encr_name}",{self.sk_ai.hex()},{self.sk_ar.hex()},"{self.integ_name}"')
 
 
@@ -160,8 +161,10 @@ def _ike_line(f: list[str]) -> IkeKeyLine:
     line = IkeKeyLine(spi_i, spi_r, _hex(f[2], "SK_ei", True), _hex(f[3], "SK_er", True), f[4],
                       _hex(f[5], "SK_ai", True), _hex(f[6], "SK_ar", True), f[7])
     c = line.cipher()
-    for name, k, want in (("SK_ei", line.sk_ei, c.encr_key_len), ("SK_er", line.sk_er, c.encr_key_len),
-                          ("SK_ai", line.sk_ai, c.integ_key_len), ("SK_ar", line.sk_ar, c.integ_key_len)):
+    for name, k, want in (("SK_ei", line.sk_ei, c.encr_key_len),
+                          ("SK_er", line.sk_er, c.encr_key_len),
+                          ("SK_ai", line.sk_ai, c.integ_key_len),
+                          ("SK_ar", line.sk_ar, c.integ_key_len)):
         if len(k) != want:
             raise KeyLogError(f"{name} is {len(k)} bytes; {f[4]} / {f[7]} needs {want}")
     return line

@@ -61,7 +61,8 @@ class Transform:
     def to_bytes(self, last: bool) -> bytes:
         attrs = b""
         if self.key_length is not None:
-            attrs += TransformAttribute(TransformAttributeType.KEY_LENGTH, self.key_length).to_bytes()
+            attrs += TransformAttribute(TransformAttributeType.KEY_LENGTH,
+                                        self.key_length).to_bytes()
         attrs += b"".join(a.to_bytes() for a in self.attributes)
         return struct.pack("!BBHBBH", 0 if last else 3, 0, 8 + len(attrs), self.type, 0,
                            self.id) + attrs

@@ -43,6 +43,10 @@ class IpPacket:
     version: int
 
 
+# pcap magic numbers as read from the file: little/big endian, microsecond/nanosecond stamps
+_PCAP_MAGICS = (b"\xd4\xc3\xb2\xa1", b"\x4d\x3c\xb2\xa1", b"\xa1\xb2\xc3\xd4", b"\xa1\xb2\x3c\x4d")
+
+
 def read_frames(f: BinaryIO) -> Iterator[Frame]:
     """Frames of a pcap or pcapng file, by its magic number."""
     head = f.read(4)
@@ -50,7 +54,7 @@ def read_frames(f: BinaryIO) -> Iterator[Frame]:
         raise CaptureError("file too short for a capture")
     if head == b"\x0a\x0d\x0d\x0a":
         yield from _pcapng(f, head)
-    elif head in (b"\xd4\xc3\xb2\xa1", b"\x4d\x3c\xb2\xa1", b"\xa1\xb2\xc3\xd4", b"\xa1\xb2\x3c\x4d"):
+    elif head in _PCAP_MAGICS:
         yield from _pcap(f, head)
     else:
         raise CaptureError("not a pcap or pcapng file (unknown magic number)")
