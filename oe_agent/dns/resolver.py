@@ -212,19 +212,27 @@ class KeyResolver:
         return ", ".join(f"{a}@{p}" if p != 53 else a for a, p in self.servers)
 
     async def _query(self, qname, rdtype, cd: bool) -> dns.message.Message:
-        """One question to the resolvers in order; the first NOERROR/NXDOMAIN wins."""
+        """One question to the resolvers in order, in rounds until the lookup's bound (a lost
+        datagram is retried); the first NOERROR/NXDOMAIN wins. If every resolver answered
+        with an error in a round, asking again would not help: raise it."""
         last: Exception | None = None
-        for addr, port in self.servers:
-            q = transport.make_query(qname, rdtype, cd)
-            self.queries_sent += 1
-            try:
-                msg = await transport.exchange(q, (addr, port), self.attempt_timeout)
-            except DnsTimeout as exc:
-                last = exc
-                continue
-            if msg.rcode() in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN):
-                return msg
-            last = _ServFail(msg, addr)
+        rounds = max(1, int(self.timeout // (self.attempt_timeout * len(self.servers))))
+        for _round in range(rounds):
+            failures = 0
+            for addr, port in self.servers:
+                q = transport.make_query(qname, rdtype, cd)
+                self.queries_sent += 1
+                try:
+                    msg = await transport.exchange(q, (addr, port), self.attempt_timeout)
+                except DnsTimeout as exc:
+                    last = exc
+                    continue
+                if msg.rcode() in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN):
+                    return msg
+                last = _ServFail(msg, addr)
+                failures += 1
+            if failures == len(self.servers):
+                break
         raise last or DnsTimeout("no resolvers")
 
     async def _fetch_cd(self, qname, rdtype) -> dns.message.Message:

@@ -296,3 +296,17 @@ async def test_dnskey_trust_anchors_and_anchor_file_errors(server, tmp_path):
                        (str(tmp_path / "missing"), "no such file")):
         with pytest.raises(ValueError, match=words):
             parse_trust_anchors(bad)
+
+
+async def test_lost_datagram_is_retried_within_the_bound(server):
+    real, dropped = server.handle_wire, []
+
+    def drop_first(wire, udp):
+        if udp and not dropped and b"\x00\x2d\x00\x01" in wire:
+            dropped.append(wire)
+            return None
+        return real(wire, udp)
+    server.handle_wire = drop_first
+    a = await _resolver(server, timeout=3, attempt_timeout=0.3).lookup("ed448.oe.example")
+    assert dropped and a.status == "secure-key"
+    assert server.queries[("ed448.oe.example.", "IPSECKEY")] == 1  # the one after the drop
