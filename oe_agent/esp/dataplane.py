@@ -105,6 +105,7 @@ class UserspaceDataplane:
         self.raw_esp = False
         self._reassembler = packet.Reassembler()
         self._rules_installed = False
+        self._spi_reserved: set[int] = set()
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -378,7 +379,8 @@ class UserspaceDataplane:
     async def alloc_spi(self, local: IPAddress, remote: IPAddress, seq: int = 0) -> int:
         while True:
             spi = int.from_bytes(self.rng(4), "big")
-            if spi >= 0x100 and spi not in self._sa_in:
+            if spi >= 0x100 and spi not in self._sa_in and spi not in self._spi_reserved:
+                self._spi_reserved.add(spi)  # until its SA is added (or the dataplane stops)
                 return spi
 
     async def add_child_sa(self, params: ChildSaParams) -> None:
@@ -389,6 +391,7 @@ class UserspaceDataplane:
         except ValueError as e:
             raise UserError(f"Child SA {params.spi_in:#010x}: {e}") from None
         self._sa_in[params.spi_in] = sa
+        self._spi_reserved.discard(params.spi_in)
         for ts in sa.ts_remote:
             net = ts.network() if ts.start != ts.end else ipaddress.ip_network(ts.start)
             if ts.start == ts.end:

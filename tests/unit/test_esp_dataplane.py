@@ -438,3 +438,10 @@ async def test_longest_prefix_then_most_specific_port():
     assert dp._routes[ipaddress.ip_network(f"{B}/32")] == "throw"
     await dp.clear_shunt(A, B)
     assert dp._routes[ipaddress.ip_network(f"{B}/32")] == "oe0"  # its tcp/22 block remains
+
+
+async def test_alloc_spi_never_repeats_and_skips_reserved_range():
+    seq = iter([b"\0\0\0\x05", b"\0\0\x10\x00", b"\0\0\x10\x00", b"\0\0\x20\x00"])
+    dp = UserspaceDataplane(rng=lambda n: next(seq))
+    assert await dp.alloc_spi(A, B) == 0x1000  # 5 is reserved by RFC 4303 §2.1
+    assert await dp.alloc_spi(A, B) == 0x2000  # 0x1000 is taken until its SA comes
