@@ -106,6 +106,12 @@ def _covers(owner: dns.name.Name, nxt: dns.name.Name, name: dns.name.Name) -> bo
     return name > owner or name < nxt  # last NSEC of the zone: next is the apex
 
 
+def _bounded(cache: dict, limit: int = 4096) -> None:
+    """Keep a per-zone cache from growing without end: drop the oldest entries."""
+    while len(cache) >= limit:
+        del cache[next(iter(cache))]
+
+
 @dataclass
 class _ZoneKeys:
     keys: dns.rrset.RRset | None  # None = insecure zone
@@ -123,7 +129,7 @@ class Validator:
         self.clock = clock
         self.key_cache_max = key_cache_max
         self._keys: dict[dns.name.Name, _ZoneKeys] = {}
-        self._zone_of: dict[dns.name.Name, dns.name.Name] = {}
+        self._zone_of: dict[dns.name.Name, tuple[dns.name.Name, float]] = {}
         self.last_proof = ""  # which records proved the last denial (for the reason text)
 
     def anchor_for(self, name: dns.name.Name) -> dns.name.Name | None:
@@ -179,13 +185,16 @@ class Validator:
 
     async def zone_of(self, name: dns.name.Name) -> dns.name.Name:
         """The apex of the zone that holds `name` (from SOA in the answer or the authority)."""
-        if name in self._zone_of:
-            return self._zone_of[name]
+        hit = self._zone_of.get(name)
+        if hit is not None and hit[1] > self.clock():
+            return hit[0]
         msg = await self.fetch(name, SOA)
         for section in (msg.answer, msg.authority):
             for rrset in section:
                 if rrset.rdtype == SOA and name.is_subdomain(rrset.name):
-                    self._zone_of[name] = rrset.name
+                    _bounded(self._zone_of)
+                    self._zone_of[name] = (rrset.name, self.clock() + min(
+                        rrset.ttl, self.key_cache_max))
                     return rrset.name
         raise Bogus(f"cannot find the zone of {name}: no SOA in the answer")
 
@@ -211,6 +220,7 @@ class Validator:
             keys, ttl = await self._anchored_keys(zone, self.anchors[zone])
         else:
             keys, ttl = await self._delegated_keys(zone)
+        _bounded(self._keys)
         self._keys[zone] = _ZoneKeys(keys, self.clock() + min(ttl, self.key_cache_max))
         return keys
 
