@@ -38,7 +38,7 @@ Public API (stable; other parts and the vm tier use it):
 Errors: XfrmError (an OSError: .errno, .ext_ack = the kernel's message); PolicyConflict when a
 foreign policy holds a selector; ValueError for bad keys/selectors.
 Wire level: oe_agent.trap.xfrm (structs/messages), oe_agent.trap.netlink (XfrmSocket,
-XfrmEventSocket). `python -m oe_agent.trap.dataplane` prints the probe result.
+XfrmEventSocket). `python -m oe_agent.trap` prints the probe result of this namespace.
 """
 from oe_agent.trap.dataplane import (DEFAULT_PRIORITY_BASE, DEFAULT_REQID_BASE,
                                      KernelDataplane, PolicyConflict, probe, run_probe,

@@ -65,13 +65,15 @@ def group_rank(dst: IPNetwork, proto: int, port: int) -> int:
 
 
 async def probe(x: Xfrm, reqid: int) -> Capabilities:
-    """Add and delete a throwaway ESP SA per algorithm (product.md §6): EPROTONOSUPPORT means
-    no ESP at all, ENOSYS that algorithm is missing, success that it works."""
+    """Add and delete a throwaway ESP SA per algorithm and family (product.md §6):
+    EPROTONOSUPPORT = no ESP at all, ENOSYS = that algorithm is missing, success = it works.
+    The SA uses documentation addresses and the band's probe reqid; no policy refers to it."""
     spi = 0xFFFF0000 | int.from_bytes(os.urandom(2), "big")
     works: set[str] = set()
-    notes: list[str] = []
-    no_esp = False
+    no_esp: list[str] = []
+    missing: list[str] = []
     for src, dst in (("192.0.2.254", "192.0.2.253"), ("2001:db8::fe", "2001:db8::fd")):
+        v = ipaddress.ip_address(src).version
         for alg, klen, ilen in PROBE_ALGORITHMS:
             name = alg.encr + (f"+{alg.integ}" if alg.integ else "")
             try:
@@ -79,27 +81,24 @@ async def probe(x: Xfrm, reqid: int) -> Capabilities:
                                       reqid, alg, bytes(klen), bytes(ilen)))
             except XfrmError as e:
                 if e.errno == errno.EPROTONOSUPPORT:
-                    no_esp = True
-                    notes.append(f"IPv{ipaddress.ip_address(src).version} ESP missing "
-                                 f"({e.ext_ack or 'EPROTONOSUPPORT'})")
+                    no_esp.append(f"IPv{v}: {e.ext_ack or 'EPROTONOSUPPORT'}")
                     break
                 if e.errno == errno.ENOSYS:
-                    notes.append(f"{name} missing")
+                    missing.append(f"{name} (IPv{v})")
                     continue
                 raise
             await x.del_sa(dst, spi)
-            if ipaddress.ip_address(src).version == 4:
-                works.add(alg.encr)
-                if alg.integ:
-                    works.add(alg.integ)
+            if v == 4:
+                works.update(n for n in (alg.encr, alg.integ) if n)
     if no_esp:
         return Capabilities(esp=False, algorithms=frozenset(),
-                            detail="no ESP: " + "; ".join(notes))
+                            detail="no ESP in this kernel (" + "; ".join(no_esp) + ")")
     if not works:
         return Capabilities(esp=False, algorithms=frozenset(),
-                            detail="no ESP algorithm available: " + "; ".join(notes))
+                            detail="no ESP algorithm available: " + ", ".join(missing))
     return Capabilities(esp=True, algorithms=frozenset(works),
-                        detail="full ESP" if not notes else "; ".join(notes))
+                        detail="full ESP support" if not missing
+                        else "ESP; missing: " + ", ".join(missing))
 
 
 def socket_bypass(sock: socket.socket) -> None:
@@ -154,6 +153,7 @@ class KernelDataplane:
         self._allocated: set[tuple] = set()  # (dst, spi) made larval by ALLOCSPI
         self._acquire_seq: dict[tuple, int] = {}  # (src, dst) -> last ACQUIRE seq
         self._base: list[tuple] = []  # (sel, dir) of the ND bypass policies
+        self.resyncs = 0  # times the event socket overflowed and state was re-read
 
     # --- life cycle -------------------------------------------------------------------------
     async def start(self) -> Capabilities:
@@ -471,7 +471,8 @@ class KernelDataplane:
 
     async def _resync(self) -> list:
         """After lost events: a larval state of ours is an ACQUIRE not yet seen; a shunt or SA
-        we track that the kernel no longer has expired (hard)."""
+        we track that the kernel no longer has expired (hard). An ACQUIRE the kernel could not
+        deliver leaves no larval state, so the next packet of that flow acquires again."""
         out: list = []
         sas = await self.xfrm.sas()
         have = {(sa.dst, sa.spi) for sa in sas}
@@ -481,7 +482,8 @@ class KernelDataplane:
                 out.append(KernelAcquire(src=sel.src.network_address,
                                          dst=sel.dst.network_address, proto=sel.proto,
                                          sport=sel.sport, dport=sel.dport, seq=sa.seq,
-                                         selector=sel))
+                                         selector=sel,
+                                         templates=self._trap_template(sel.family)))
         for (local, remote, spi_in), (params, _p) in list(self._sas.items()):
             for dst, spi in ((local, spi_in), (remote, params.spi_out)):
                 if (dst, spi) not in have:
@@ -504,7 +506,11 @@ class KernelDataplane:
                 m = await self._events.next()
             except ConnectionError:
                 return
-            evs = await self._resync() if isinstance(m, EventsLost) else [event_from(m)]
+            if isinstance(m, EventsLost):
+                self.resyncs += 1
+                evs = await self._resync()
+            else:
+                evs = [event_from(m)]
             for ev in evs:
                 if ev is None or not self._own_event(ev):
                     continue
@@ -528,9 +534,3 @@ async def run_probe() -> Capabilities:
         return await probe(x, DEFAULT_REQID_BASE + REQID_COUNT - 1)
     finally:
         x.close()
-
-
-if __name__ == "__main__":  # python -m oe_agent.trap.dataplane: print the probe result
-    caps = asyncio.run(run_probe())
-    print(f"esp={caps.esp} algorithms={','.join(sorted(caps.algorithms)) or '-'} "
-          f"({caps.detail})")
