@@ -105,7 +105,7 @@ class UserspaceDataplane:
         self.raw_esp = False
         self._reassembler = packet.Reassembler()
         self._rules_installed = False
-        self._spi_reserved: set[int] = set()
+        self._spi_reserved: dict[int, None] = {}  # insertion-ordered, bounded
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -380,7 +380,9 @@ class UserspaceDataplane:
         while True:
             spi = int.from_bytes(self.rng(4), "big")
             if spi >= 0x100 and spi not in self._sa_in and spi not in self._spi_reserved:
-                self._spi_reserved.add(spi)  # until its SA is added (or the dataplane stops)
+                if len(self._spi_reserved) >= 65536:  # abandoned negotiations: forget the oldest
+                    self._spi_reserved.pop(next(iter(self._spi_reserved)))
+                self._spi_reserved[spi] = None  # until its SA is added
                 return spi
 
     async def add_child_sa(self, params: ChildSaParams) -> None:
@@ -391,7 +393,7 @@ class UserspaceDataplane:
         except ValueError as e:
             raise UserError(f"Child SA {params.spi_in:#010x}: {e}") from None
         self._sa_in[params.spi_in] = sa
-        self._spi_reserved.discard(params.spi_in)
+        self._spi_reserved.pop(params.spi_in, None)
         for ts in sa.ts_remote:
             net = ts.network() if ts.start != ts.end else ipaddress.ip_network(ts.start)
             if ts.start == ts.end:
