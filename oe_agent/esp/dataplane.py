@@ -12,6 +12,13 @@ prefix group policy: trap = Acquire (with the packet) + hold, block = drop.
 Inbound ESP (UDP 4500 via `esp_received`, or raw protocol 50) is unprotected and written to oe0.
 The oe0 MTU leaves room for ESP; a packet still too big for the path with DF set (or IPv6) is
 answered with ICMP "fragmentation needed" / ICMPv6 "packet too big" (RFC 1191, RFC 8201).
+Transport mode reassembles the host's own fragments first (it protects whole datagrams only).
+A pass shunt (negotiation or failure) is a /32 or /128 `throw` route, so it overrides the trap
+route of its group; hold = a bounded queue per destination, released through the SA when it is
+added, sent clear when the shunt becomes pass, dropped when it becomes drop or expires.
+Limits (unlike XFRM): no inbound policy, so clear packets from a blocked or `private` peer still
+reach local sockets (only what this host sends is blocked/held/encrypted: replies never leave);
+SAs live in this process and go with it (`stop(keep_sas=True)` cannot keep them).
 """
 from __future__ import annotations
 
