@@ -1040,7 +1040,9 @@ class IkeSa:
             return self._on_ike_rekey_response(ks, msg, req_ctx, now)
         old = self.children.get(req_ctx["old"]) if req_ctx["old"] is not None else None
         err = _error_notify(msg)
-        if err is not None and old is not None:
+        if err is not None and req_ctx["old"] is not None:
+            if old is None:
+                return None  # the peer deleted it meanwhile (and settled any collision)
             peer = self._collisions.pop(old.spi_in, None)
             if peer is not None:  # our rekey failed in a collision: the peer's stands
                 self._settle_rekey(old, None, peer, now)
@@ -1209,6 +1211,14 @@ class IkeSa:
         deletes = msg.all(Delete)
         if any(d.protocol == ProtocolId.IKE for d in deletes):
             self._respond(ks, msg, [])
+            if self._ike_candidate is not None:
+                # the peer won an IKE rekey collision and deletes the old SA before our own
+                # rekey's (failed) answer came: its new SA is the one (§2.8.2)
+                candidate, self._ike_candidate = self._ike_candidate, None
+                ks.pending = None
+                self._switch_keyset(candidate, now)
+                self._drop_keyset(ks)
+                return None
             self._close(now, "peer")
             return IkeState.CLOSED
         answer: list[bytes] = []
@@ -1222,6 +1232,9 @@ class IkeSa:
                     continue
                 if child.state != ChildState.DELETING:  # §1.4.1: simultaneous deletes
                     answer.append(child.spi_in.to_bytes(4, "big"))
+                peer = self._collisions.pop(child.spi_in, None)
+                if peer is not None:  # the peer won the rekey race: its new pair stands
+                    self._settle_rekey(child, None, peer, now)
                 self._remove_child(child, "peer")
         if msg.notify(NotifyType.AUTHENTICATION_FAILED) is not None:
             self._respond(ks, msg, [])

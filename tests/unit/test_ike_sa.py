@@ -566,3 +566,41 @@ def test_config_errors_at_construction(keys, bad):
     ca, _ = configs(keys, "ed25519")
     with pytest.raises(ValueError):
         IkeConfig(**{**ca.__dict__, **bad})
+
+
+def test_child_rekey_collision_late_request(keys):
+    """r's rekey request reaches i only after i's own rekey finished (§2.8.1 late case)."""
+    p = start(*configs(keys, "ed25519"))
+    established(p)
+    p.i.rekey_child(_child(p, p.i), p.now)
+    p.r.rekey_child(_child(p, p.r), p.now)
+    req_i, req_r = p.pending(p.i), p.pending(p.r)
+    p.deliver(p.i, req_i)  # r answers i's rekey (collision noted at r)
+    p.deliver(p.r, p.pending(p.r))  # i finishes: rekeyed, sends Delete of the old pair
+    p.deliver(p.r, req_r)  # only now r's own request arrives at i
+    p.collect()
+    p.run()
+    assert len(p.i.children) == len(p.r.children) == 1
+    (ci,), (cr,) = p.i.children.values(), p.r.children.values()
+    assert (ci.spi_in, ci.spi_out) == (cr.spi_out, cr.spi_in)
+    for evs in (p.events_i, p.events_r):
+        assert len(p.of(evs, ChildSaRekeyed)) == 1
+        assert not [e for e in p.of(evs, NegotiationFailed)]
+
+
+def test_ike_rekey_collision_late_request(keys):
+    p = start(*configs(keys, "ed25519"))
+    established(p)
+    p.i.rekey(p.now)
+    p.r.rekey(p.now)
+    req_i, req_r = p.pending(p.i), p.pending(p.r)
+    p.deliver(p.i, req_i)
+    p.deliver(p.r, p.pending(p.r))  # i done: switches, deletes the old IKE SA
+    p.deliver(p.r, req_r)  # i answers TEMPORARY_FAILURE on the old generation
+    p.collect()
+    p.run()
+    assert p.i.state == p.r.state == IkeState.ESTABLISHED
+    assert (p.i.spi_i, p.i.spi_r) == (p.r.spi_i, p.r.spi_r)
+    p.r.rekey_child(_child(p, p.r), p.now)
+    p.run()
+    assert p.of(p.events_i, ChildSaRekeyed)
