@@ -137,26 +137,31 @@ class EspKeyMismatch(Exception):
 
 def open_esp(key: EspKeyLine, packet: bytes) -> tuple[int, bytes]:
     """ESP (RFC 4303) -> (next header, inner payload). AES-GCM (RFC 4106) and ChaCha20-Poly1305
-    (RFC 7634): nonce = salt || IV, AAD = SPI || sequence (no ESN); AES-CBC + HMAC (RFC 3602,
-    4868): ICV over SPI..ciphertext."""
+    (RFC 7634): nonce = salt || IV, AAD = SPI || sequence; AES-CBC + HMAC (RFC 3602, 4868):
+    ICV over SPI..ciphertext. A key log does not say whether the SA uses extended sequence
+    numbers, so when the check fails we try again as ESN with high-order bits 0 (RFC 4303
+    §2.2.1: AAD SPI || seq_hi || seq, or seq_hi appended for the ICV)."""
     e = key.encr
-    if key.integ is None:
-        iv_len, icv_len = e.iv_len, e.icv_len
-    else:
-        iv_len, icv_len = e.iv_len, key.integ.icv_len
+    iv_len, icv_len = e.iv_len, (e.icv_len if key.integ is None else key.integ.icv_len)
     if len(packet) < 8 + iv_len + icv_len + 2:
         raise EspKeyMismatch("packet too short for this SA's algorithms")
     iv, body = packet[8:8 + iv_len], packet[8 + iv_len:]
     if e.aead:
         k, salt = key.encr_key[:-4], key.encr_key[-4:]
         aead = AESGCM(k) if e.id == EncrId.AES_GCM_16 else ChaCha20Poly1305(k)
-        try:
-            plain = aead.decrypt(salt + iv, body, packet[:8])
-        except InvalidTag:
-            raise EspKeyMismatch("integrity check failed") from None
+        for aad in (packet[:8], packet[:4] + bytes(4) + packet[4:8]):
+            try:
+                plain = aead.decrypt(salt + iv, body, aad)
+                break
+            except InvalidTag:
+                continue
+        else:
+            raise EspKeyMismatch("integrity check failed")
     else:
         ct, icv = body[:-icv_len], body[-icv_len:]
-        if not key.integ.verify(key.integ_key, packet[:8 + iv_len] + ct, icv):
+        signed = packet[:8 + iv_len] + ct
+        if not (key.integ.verify(key.integ_key, signed, icv)
+                or key.integ.verify(key.integ_key, signed + bytes(4), icv)):
             raise EspKeyMismatch("integrity check failed")
         if len(ct) % 16:
             raise EspKeyMismatch("ciphertext not a multiple of the block size")

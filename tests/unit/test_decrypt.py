@@ -18,8 +18,8 @@ from oe_agent.cli import main
 from oe_agent.ike import payloads as pl
 from oe_agent.ike.const import AuthMethod, EncrId, ExchangeType, IntegId
 from oe_agent.ike.crypto import INTEGS, IkeCipher, IkeKeys
-from oe_agent.ike.decrypt import decrypt_capture
-from oe_agent.ike.keylog import KeyLogWriter, read_keylog
+from oe_agent.ike.decrypt import EspKeyMismatch, decrypt_capture, open_esp
+from oe_agent.ike.keylog import KeyLogWriter, parse_keylog, read_keylog
 from oe_agent.ike.message import Message, add_non_esp_marker
 from oe_agent.ike.pcap import CaptureError, ip_of, read_frames
 from oe_agent.model import ChildSaParams, EspAlgorithm, Mode, TrafficSelector
@@ -228,3 +228,29 @@ def test_own_key_log_decrypts_own_messages(tmp_path, capsys):
     assert "inner (transport) 192.0.2.1 -> 192.0.2.2 UDP ports 5353 -> 53, 12 bytes payload" in out
     assert "payload: dns-question" in out
     assert out.rstrip().endswith("1 IKE messages (1 decrypted), 1 ESP packets (1 decrypted)")
+
+
+@pytest.mark.parametrize("alg", ["gcm", "cbc"])
+def test_esp_with_extended_sequence_numbers(alg):
+    """ESN SAs (RFC 4303 §2.2.1) authenticate the high-order sequence bits too (here 0)."""
+    spi, seq, iv = 0x00001234, 5, b"\x07" * (8 if alg == "gcm" else 16)
+    plain = b"\x45" + bytes(19) + b"esn-canary" + bytes([0, 4])  # 32 bytes: no padding
+    head = struct.pack("!II", spi, seq)
+    if alg == "gcm":
+        key = b"G" * 20
+        esn_aad = head[:4] + bytes(4) + head[4:]
+        pkt = head + iv + AESGCM(key[:16]).encrypt(key[16:] + iv, plain, esn_aad)
+        line = f'"IPv4","*","*","0x{spi:08x}","AES-GCM [RFC4106]","0x{key.hex()}","NULL",""'
+    else:
+        ekey, akey = b"C" * 16, b"H" * 32
+        enc = Cipher(algorithms.AES(ekey), modes.CBC(iv)).encryptor()
+        ct = enc.update(plain) + enc.finalize()
+        icv = INTEGS[IntegId.HMAC_SHA2_256_128].icv(akey, head + iv + ct + bytes(4))
+        pkt = head + iv + ct + icv
+        line = (f'"IPv4","*","*","0x{spi:08x}","AES-CBC [RFC3602]","0x{ekey.hex()}",'
+                f'"HMAC-SHA-256-128 [RFC4868]","0x{akey.hex()}"')
+    key_line = parse_keylog(line).esp[spi][0]
+    nh, payload = open_esp(key_line, pkt)
+    assert nh == 4 and payload[20:] == b"esn-canary"
+    with pytest.raises(EspKeyMismatch):
+        open_esp(key_line, pkt[:-1] + bytes([pkt[-1] ^ 1]))
