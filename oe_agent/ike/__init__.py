@@ -18,8 +18,11 @@
   `skeyseed`, `skeyseed_rekey`, `derive_ike_keys` -> IkeKeys(.outbound/.inbound(initiator));
   `child_keys` (KEYMAT, optional PFS g^ir); descriptor tables ENCRS/INTEGS/PRFS (ESP names as
   in model.EspAlgorithm, Wireshark names for the key log).
-- `keylog`: Wireshark `ikev2_decryption_table` / `esp_sa` lines, writer and reader.
-- `decrypt`: the `oe-agent decrypt PCAP --keylog FILE` verb; `pcap`: pcap/pcapng reader.
+- `keylog`: Wireshark `ikev2_decryption_table` / `esp_sa` lines. `KeyLogWriter(path)`
+  (file 0600) `.log_ike_sa(spi_i, spi_r, cipher, keys)`, `.log_child_sa(ChildSaParams)`;
+  `read_keylog(file or strongSwan save-keys dir)` -> KeyTable(.ike[(spi_i, spi_r)], .esp_for()).
+- `decrypt`: the `oe-agent decrypt PCAP --keylog FILE` verb (`open_esp`, `describe`);
+  `pcap`: pcap/pcapng reader (`read_frames`, `ip_of`).
 
 Randomness: every function that needs it takes `rng(n) -> bytes` (nonces, SPIs, IVs, DH
 private values); nothing here reads a clock, a socket or a global RNG.
