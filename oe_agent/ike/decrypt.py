@@ -328,7 +328,8 @@ def run(args: argparse.Namespace) -> int:
 
 def register(sub) -> None:
     p = sub.add_parser("decrypt", help="decode IKE and decrypt ESP in a capture",
-                       description=__doc__.splitlines()[0])
+                       description="Decode the IKE messages and decrypt the ESP packets of a "
+                                   "pcap/pcapng capture with the keys of a key log.")
     p.add_argument("pcap", metavar="PCAP", help="pcap or pcapng capture")
     p.add_argument("--keylog", required=True, metavar="FILE",
                    help="key log (ikev2_decryption_table/esp_sa lines), or strongSwan's "
