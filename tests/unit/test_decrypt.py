@@ -90,6 +90,12 @@ def test_pcapng_and_linux_cooked_give_the_same_output(vectors, tmp_path, capsys)
     _write_pcap(tmp_path / "sll.pcap", 113, sll)
     rc, out, _ = run(capsys, tmp_path / "sll.pcap", "--keylog", vectors[1])
     assert rc == 0 and out == ref
+    # tcpdump -i any on Debian 12 writes LINUX_SLL2 (276): protocol first, 20-byte header
+    sll2 = [d[12:14] + b"\0\0" + struct.pack("!I", 2) + b"\0\1\0\6" + d[6:12] + b"\0\0" + d[14:]
+            for _, d in frames]
+    _write_pcap(tmp_path / "sll2.pcap", 276, sll2)
+    rc, out, _ = run(capsys, tmp_path / "sll2.pcap", "--keylog", vectors[1])
+    assert rc == 0 and out == ref
 
 
 def _esp_cbc(spi, seq, ekey, akey, iv, inner, next_header):
