@@ -59,16 +59,24 @@ def parse_server(text) -> tuple[str, int]:
         if text.startswith("["):
             addr, _, rest = text[1:].partition("]")
             if rest.startswith(":"):
+                if not rest[1:].isdigit():
+                    raise ValueError(f"DNS server {text!r}: bad port {rest[1:]!r}")
                 port = int(rest[1:])
         else:
-            for sep in ("@", "#"):
-                if sep in text:
-                    text, p = text.split(sep, 1)
-                    port = int(p)
             addr = text
-    ipaddress.ip_address(addr)  # ValueError for a non-address
+            for sep in ("@", "#"):
+                if sep in addr:
+                    addr, p = addr.split(sep, 1)
+                    if not p.isdigit():
+                        raise ValueError(f"DNS server {text!r}: bad port {p!r}")
+                    port = int(p)
+    try:
+        ipaddress.ip_address(addr)
+    except ValueError:
+        raise ValueError(f"DNS server {text!r}: want an IP address (ADDR, ADDR@PORT, "
+                         f"[V6]:PORT)") from None
     if not 0 < int(port) < 65536:
-        raise ValueError(f"bad port {port}")
+        raise ValueError(f"DNS server {text!r}: bad port {port}")
     return str(addr), int(port)
 
 

@@ -119,3 +119,14 @@ def test_lookup_verb_json(tmp_path, capsys):
     assert rc == 1  # one of them is bogus
     assert [a["status"] for a in out] == ["secure-key", "bogus"]
     assert out[0]["chain"] == ["5.0-63.2.0.192.in-addr.arpa."]
+
+
+def test_server_address_forms():
+    from oe_agent.dns.transport import parse_server
+    assert parse_server("192.0.2.53") == ("192.0.2.53", 53)
+    assert parse_server("127.0.0.1@5353") == ("127.0.0.1", 5353)
+    assert parse_server("::1#5353") == ("::1", 5353)
+    assert parse_server("[2001:db8::53]:54") == ("2001:db8::53", 54)
+    for bad in ("ns.oe.example", "127.0.0.1@x", "[::1]:", "127.0.0.1@70000"):
+        with pytest.raises(ValueError, match="DNS server"):
+            parse_server(bad)
