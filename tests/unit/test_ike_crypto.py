@@ -64,6 +64,25 @@ def test_x25519_small_order_point_is_protocol_error():
     assert e.value.notify_type == NotifyType.INVALID_SYNTAX
 
 
+def test_ecp256_rfc5903_vector():
+    """RFC 5903 §8.1: KE data is gx || gy (§7), the shared secret is x of g^ir."""
+    def scalar_rng(hex_scalar):  # Ecp256Exchange takes rng(40) mod (n - 1) + 1
+        return fixed((int(hex_scalar, 16) - 1).to_bytes(40, "big"))
+
+    i = crypto.key_exchange(DhId.ECP_256, scalar_rng(
+        "C88F01F510D9AC3F70A292DAA2316DE544E9AAB8AFE84049C62A9C57862D1433"))
+    r = crypto.key_exchange(DhId.ECP_256, scalar_rng(
+        "C6EF9C5D78AE012A011164ACB397CE2088685D8F06BF9BE0B283AB46476BEE53"))
+    assert i.public.hex().upper() == (
+        "DAD0B65394221CF9B051E1FECA5787D098DFE637FC90B9EF945D0C3772581180"
+        "5271A0461CDB8252D61F1C456FA3E59AB1F45B33ACCF5F58389E0577B8990BB3")
+    assert r.public.hex().upper() == (
+        "D12DFB5289C8D4F81208B70270398C342296970A0BCCB74C736FC7554494BF63"
+        "56FBF3CA366CC23E8157854C13C58D6AAC23F046ADA30F8353E74F33039872AB")
+    girx = "D6840F6B42F6EDAFD13116E0E12565202FEF8E9ECE7DCE03812464D04B9442DE"
+    assert i.shared(r.public).hex().upper() == girx == r.shared(i.public).hex().upper()
+
+
 # --- RFC 4868 / RFC 4231 HMAC-SHA2 -----------------------------------------------------------
 
 HI = b"Hi There"
