@@ -390,8 +390,10 @@ async def serve(zone_dir: str, listen: list[str], port: int, anchors_out: str | 
     for addr in listen:
         await server.start(addr, port)
     ds = "\n".join(server.ds_records()) + "\n"
-    if anchors_out:
-        Path(anchors_out).write_text(ds)
+    if anchors_out:  # atomically: whoever waits for the file must never read half of it
+        tmp = Path(f"{anchors_out}.tmp")
+        tmp.write_text(ds)
+        tmp.replace(anchors_out)
     ready(f"serving {', '.join(str(z) for z in sorted(server.zones))} on "
           f"{', '.join(listen)} port {port}; trust anchors:\n{ds}", flush=True)
     try:
