@@ -241,10 +241,10 @@ class IdResponder(_Identification):
 
 
 @dataclass(frozen=True)
-class Certificate:
-    """CERT (§3.6); with RAW_PUBLIC_KEY (RFC 7670) `data` is a SubjectPublicKeyInfo."""
+class _CertificateData:
+    """Encoding octet and data, shared by CERT and CERTREQ (siblings, so that
+    `Message.get(Certificate)` never returns a CERTREQ)."""
 
-    TYPE: ClassVar[int] = PayloadType.CERT
     encoding: int
     data: bytes
 
@@ -253,12 +253,19 @@ class Certificate:
 
     @classmethod
     def parse(cls, body: bytes):
-        _need(body, 1, "CERT payload")
+        _need(body, 1, "CERT/CERTREQ payload")
         return cls(body[0], bytes(body[1:]))
 
 
 @dataclass(frozen=True)
-class CertificateRequest(Certificate):
+class Certificate(_CertificateData):
+    """CERT (§3.6); with RAW_PUBLIC_KEY (RFC 7670) `data` is a SubjectPublicKeyInfo."""
+
+    TYPE: ClassVar[int] = PayloadType.CERT
+
+
+@dataclass(frozen=True)
+class CertificateRequest(_CertificateData):
     """CERTREQ (§3.7): encoding and concatenated CA key hashes (or empty)."""
 
     TYPE: ClassVar[int] = PayloadType.CERTREQ

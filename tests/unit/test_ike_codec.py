@@ -72,6 +72,8 @@ inner_payload = st.one_of(*(s for c, s in PAYLOADS.items() if c is not pl.Encryp
 def test_registry_covers_every_payload_class():
     assert set(pl.PAYLOAD_CLASSES.values()) == set(PAYLOADS)
     assert all(pl.PAYLOAD_CLASSES[c.TYPE] is c for c in PAYLOADS)
+    # no payload class is a subclass of another: Message.get(cls) finds only that payload type
+    assert not any(issubclass(a, b) for a in PAYLOADS for b in PAYLOADS if a is not b)
 
 
 @pytest.mark.parametrize("cls", list(PAYLOADS), ids=lambda c: c.__name__)
