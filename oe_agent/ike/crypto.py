@@ -36,10 +36,6 @@ Rng = Callable[[int], bytes]
 
 # --- PRF -----------------------------------------------------------------------------------
 
-_HASHES = {PrfId.HMAC_SHA2_256: hashes.SHA256, PrfId.HMAC_SHA2_384: hashes.SHA384,
-           PrfId.HMAC_SHA2_512: hashes.SHA512}
-
-
 @dataclass(frozen=True)
 class Prf:
     """An HMAC PRF (RFC 4868 §2.1.2); key length = output length (RFC 7296 §2.14)."""
