@@ -101,13 +101,39 @@ def parse(pkt: bytes) -> IpInfo:
 
 
 def checksum(data: bytes) -> int:
-    """The Internet checksum (RFC 1071) of `data`."""
+    """The Internet checksum (RFC 1071) of `data`. 2^16 = 1 (mod 0xFFFF), so the one's
+    complement sum of the 16-bit words is the number `data` mod 0xFFFF (0 read as 0xFFFF
+    unless every word is zero): one big-integer operation instead of a loop."""
     if len(data) & 1:
         data += b"\0"
-    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
+    n = int.from_bytes(data, "big")
+    s = n % 0xFFFF
+    if s == 0 and n:
+        s = 0xFFFF
     return ~s & 0xFFFF
+
+
+def fix_l4_checksum(src: IPAddress, dst: IPAddress, proto: int, segment: bytes) -> bytes:
+    """`segment` (TCP or UDP) with its checksum recomputed for the pseudo-header src/dst
+    (RFC 3948 §3.1.2: after NAT the sender's checksum covers addresses we never see). An IPv4
+    UDP checksum of 0 (none) stays 0; other protocols are returned unchanged."""
+    if proto == PROTO_TCP and len(segment) >= 20:
+        off = 16
+    elif proto == PROTO_UDP and len(segment) >= 8:
+        off = 6
+        if src.version == 4 and segment[6:8] == b"\0\0":
+            return segment
+    else:
+        return segment
+    if src.version == 4:
+        pseudo = src.packed + dst.packed + struct.pack("!xBH", proto, len(segment))
+    else:
+        pseudo = _pseudo_v6(src, dst, len(segment), proto)
+    zeroed = segment[:off] + b"\0\0" + segment[off + 2:]
+    ck = checksum(pseudo + zeroed)
+    if ck == 0 and proto == PROTO_UDP:
+        ck = 0xFFFF  # RFC 768: a computed 0 is sent as all ones
+    return segment[:off] + struct.pack("!H", ck) + segment[off + 2:]
 
 
 def build_ipv4(src: IPAddress, dst: IPAddress, proto: int, payload: bytes, ttl: int = 64,

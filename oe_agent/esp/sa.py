@@ -451,6 +451,8 @@ class ChildSa:
                            else 40 + ((payload[4] << 8) | payload[5])]
         if nh in (packet.PROTO_IPIP, packet.PROTO_IPV6, packet.PROTO_ESP):
             raise sa.refuse("next-header", f"transport mode SA got next header {nh}")
+        if self.params.encap is not None:  # ESP-in-UDP transport mode = a NAT was seen
+            payload = packet.fix_l4_checksum(self.params.remote, self.params.local, nh, payload)
         try:
             return packet.build_ip(self.params.remote, self.params.local, nh, payload)
         except packet.PacketError as e:

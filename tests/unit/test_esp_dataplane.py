@@ -68,6 +68,7 @@ def sa_pair(a=A, b=B, **kw):
 
 def udp(src, dst, payload=b"hello", df=True):
     body = struct.pack("!HHHH", 1234, 5678, 8 + len(payload), 0) + payload
+    body = packet.fix_l4_checksum(src, dst, packet.PROTO_UDP, body)  # v6 needs one
     if src.version == 4:
         return packet.build_ipv4(src, dst, packet.PROTO_UDP, body, df=df)
     return packet.build_ipv6(src, dst, packet.PROTO_UDP, body)

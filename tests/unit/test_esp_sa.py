@@ -399,3 +399,43 @@ def test_authentic_garbage_inside_only_raises_esp_error(data):
                 b.unprotect(a.outbound.seal(nh, data, 0.0), 0.0)
             except EspError:
                 pass
+
+
+def _slow_checksum(data: bytes) -> int:
+    """RFC 1071 word by word, to check the fast one against."""
+    if len(data) & 1:
+        data += b"\0"
+    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return ~s & 0xFFFF
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200) | st.sampled_from([b"", b"\0\0", b"\xff\xff", b"\xff\xff\xff\xff"]))
+def test_fast_checksum_equals_rfc1071(data):
+    assert packet.checksum(data) == _slow_checksum(data)
+
+
+@pytest.mark.parametrize("v", [4, 6])
+def test_transport_nat_t_recomputes_tcp_udp_checksums(v):
+    """RFC 3948 §3.1.2: the sender's L4 checksum used its own (pre-NAT) address; after
+    decapsulation it must be valid for the addresses the receiver puts in the header."""
+    a, b = pair("aes-gcm-16-128", Mode.TRANSPORT, v)
+    for sa in (a, b):  # ESP-in-UDP, as after NAT detection
+        sa.params = ChildSaParams(**{**sa.params.__dict__, "encap": (4500, 4500)})
+    src, dst = (A4, B4) if v == 4 else (A6, B6)
+    natted = ipaddress.ip_address("198.51.100.7" if v == 4 else "2001:db8:ff::7")
+    for proto, seg in ((packet.PROTO_UDP, struct.pack("!HHHH", 1, 2, 12, 0x1234) + b"data"),
+                       (packet.PROTO_TCP, struct.pack("!HHIIBBHHH", 1, 2, 3, 4, 0x50, 0x18,
+                                                      512, 0, 0) + b"data")):
+        # the sender's checksum covers its private address
+        seg = packet.fix_l4_checksum(natted, dst, proto, seg)
+        out = b.unprotect(a.outbound.seal(proto, seg, 0.0), 0.0)
+        info = packet.parse(out)
+        body = out[info.header_len:]
+        if v == 4:
+            pseudo = src.packed + dst.packed + struct.pack("!xBH", proto, len(body))
+        else:
+            pseudo = src.packed + dst.packed + struct.pack("!IxxxB", len(body), proto)
+        assert packet.checksum(pseudo + body) == 0, proto
