@@ -103,10 +103,12 @@ class AuthServer:
             key = ec.generate_private_key(ec.SECP256R1())
             dnskey = dns.dnssec.make_dnskey(key.public_key(),
                                             dns.dnssec.Algorithm.ECDSAP256SHA256, flags=257)
+            day = datetime.timedelta(days=1)
             if origin in self.expired:
-                inception, expiration = now - datetime.timedelta(days=3), now - datetime.timedelta(days=1)
+                inception, expiration = now - 3 * day, now - day
             else:
-                inception, expiration = now - datetime.timedelta(hours=1), now + datetime.timedelta(seconds=lifetime)
+                inception = now - datetime.timedelta(hours=1)  # tolerate clock skew
+                expiration = now + datetime.timedelta(seconds=lifetime)
             soa_ttl = zone.get_rdataset(origin, SOA).ttl
             dns.dnssec.sign_zone(zone, keys=[(key, dnskey)], dnskey_ttl=soa_ttl,
                                  inception=inception, expiration=expiration)
@@ -123,22 +125,12 @@ class AuthServer:
         self._nsec_index[origin] = sorted(n for n, node in zone.nodes.items()
                                           if node.get_rdataset(dns.rdataclass.IN, NSEC))
 
-    def resign(self, origin, owner, rdtype) -> None:
-        """Sign one rrset again with the zone's key (after a deliberate change in a test)."""
-        origin, owner = dns.name.from_text(str(origin)), dns.name.from_text(str(owner))
-        rdtype = dns.rdatatype.RdataType.make(rdtype)
-        key, dnskey = self.keys[origin]
-        zone = self.zones[origin]
-        rrset = zone.find_rrset(owner, rdtype)
-        sig = dns.dnssec.sign(rrset, key, origin, dnskey, lifetime=86400)
-        with zone.writer() as txn:
-            txn.replace(owner, dns.rdataset.from_rdata(rrset.ttl, sig))
-
     def replace(self, owner, rdtype, ttl: int, *texts: str) -> None:
         """Replace an rrset's data but keep its old RRSIG: a tampered record (tests)."""
         owner = dns.name.from_text(str(owner))
         origin = self.zone_for(owner)
-        rds = dns.rdataset.from_text_list(dns.rdataclass.IN, rdtype, ttl, list(texts), origin=origin)
+        rds = dns.rdataset.from_text_list(dns.rdataclass.IN, rdtype, ttl, list(texts),
+                                          origin=origin)
         with self.zones[origin].writer() as txn:
             txn.replace(owner, rds)
 
@@ -149,7 +141,8 @@ class AuthServer:
             parent = self.parent_of(origin)
             if parent is None or parent in self.unsigned:
                 ds = dns.dnssec.make_ds(origin, dnskey, "SHA256")
-                out.append(f"{origin} {self.zones[origin].get_rdataset(origin, SOA).ttl} IN DS {ds}")
+                ttl = self.zones[origin].get_rdataset(origin, SOA).ttl
+                out.append(f"{origin} {ttl} IN DS {ds}")
         return out
 
     def zone_text(self, origin) -> str:
