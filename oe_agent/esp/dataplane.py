@@ -37,7 +37,7 @@ from oe_agent.errors import UserError
 from oe_agent.esp import packet
 from oe_agent.esp.sa import ALGORITHMS, ChildSa, EspError
 from oe_agent.esp.tun import TunDevice
-from oe_agent.esp.udp import SO_MARK, RawEsp, UdpEncap
+from oe_agent.esp.udp import SO_MARK, RawEsp, UdpEncap, open_socket
 from oe_agent.model import (Acquire, Capabilities, ChildSaParams, IPAddress, IPNetwork,
                             PolicyExpire, SaCounters, SaExpire, ShuntKind)
 
@@ -153,7 +153,9 @@ class UserspaceDataplane:
         self._rules_installed = True
         await self._install_rules()
         for fam in (socket.AF_INET, socket.AF_INET6):
-            s = socket.socket(fam, socket.SOCK_RAW, socket.IPPROTO_RAW)
+            s = open_socket(fam, socket.SOCK_RAW, socket.IPPROTO_RAW)
+            if s is None:
+                continue
             self._clear[fam] = s
             s.setsockopt(socket.SOL_SOCKET, SO_MARK, self.mark)
             s.setblocking(False)
@@ -559,7 +561,10 @@ class UserspaceDataplane:
 
     def _send_clear(self, pkt: bytes, info: packet.IpInfo) -> None:
         """Send a packet that came into oe0 in the clear (marked: it takes the main table)."""
-        s = self._clear[socket.AF_INET if info.version == 4 else socket.AF_INET6]
+        s = self._clear.get(socket.AF_INET if info.version == 4 else socket.AF_INET6)
+        if s is None:
+            self.stats["no-socket"] += 1
+            return
         s.sendto(pkt, (str(info.dst), 0))
         self.stats["clear"] += 1
 

@@ -10,6 +10,7 @@ of our own, for a dataplane running without IKE (static keys, tests, the benchma
 from __future__ import annotations
 
 import asyncio
+import errno
 import socket
 from typing import Callable
 
@@ -29,6 +30,16 @@ def classify(datagram: bytes) -> str:
     if datagram[:4] == NON_ESP_MARKER:
         return "ike"
     return "esp"
+
+
+def open_socket(family: int, kind: int, proto: int) -> socket.socket | None:
+    """A socket, or None when the host has no such address family (an IPv4-only kernel)."""
+    try:
+        return socket.socket(family, kind, proto)
+    except OSError as e:
+        if e.errno == errno.EAFNOSUPPORT and family == socket.AF_INET6:
+            return None
+        raise
 
 
 def _batch_reader(sock: socket.socket, handler: Callable[[bytes, tuple], None], batch: int):
@@ -59,7 +70,9 @@ class UdpEncap:
 
     def open(self, loop: asyncio.AbstractEventLoop) -> None:
         for fam in self.families:
-            s = socket.socket(fam, socket.SOCK_DGRAM)
+            s = open_socket(fam, socket.SOCK_DGRAM, 0)
+            if s is None:
+                continue
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if fam == socket.AF_INET6:
                 s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
@@ -80,8 +93,10 @@ class UdpEncap:
             self.ignored += 1
 
     def sendto(self, data: bytes, addr: tuple) -> None:
-        fam = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
-        self.socks[fam].sendto(data, addr)
+        s = self.socks.get(socket.AF_INET6 if ":" in addr[0] else socket.AF_INET)
+        if s is None:
+            raise OSError(errno.EAFNOSUPPORT, f"no socket for {addr[0]}")
+        s.sendto(data, addr)
 
     def close(self, loop: asyncio.AbstractEventLoop) -> None:
         for s in self.socks.values():
@@ -101,7 +116,9 @@ class RawEsp:
 
     def open(self, loop: asyncio.AbstractEventLoop) -> None:
         for fam in (socket.AF_INET, socket.AF_INET6):
-            s = socket.socket(fam, socket.SOCK_RAW, socket.IPPROTO_ESP)
+            s = open_socket(fam, socket.SOCK_RAW, socket.IPPROTO_ESP)
+            if s is None:
+                continue
             s.setsockopt(socket.SOL_SOCKET, SO_MARK, self.mark)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
             s.setblocking(False)
@@ -114,8 +131,10 @@ class RawEsp:
             self.on_esp(data[(data[0] & 15) * 4:], addr)
 
     def sendto(self, data: bytes, addr: tuple) -> None:
-        fam = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
-        self.socks[fam].sendto(data, (addr[0], 0))
+        s = self.socks.get(socket.AF_INET6 if ":" in addr[0] else socket.AF_INET)
+        if s is None:
+            raise OSError(errno.EAFNOSUPPORT, f"no raw ESP socket for {addr[0]}")
+        s.sendto(data, (addr[0], 0))
 
     def close(self, loop: asyncio.AbstractEventLoop) -> None:
         for s in self.socks.values():
