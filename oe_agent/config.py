@@ -52,6 +52,10 @@ DEFAULTS: dict[str, Any] = {
         "rekey_margin": 540,                  # rekey this long before the hard lifetime
         "liveness": 30,                       # s between liveness checks of a quiet IKE SA
         "auth_null": False,                   # answer/initiate with AUTH_NULL (RFC 7619) OE
+        # a silent peer is given up after timeout * (2^tries - 1) s: 7.5 s, so a clear peer's
+        # traffic waits that long once, then its failure shunt (backing off) lets it through
+        "retransmit_timeout": 0.5,
+        "retransmit_tries": 4,
     },
     "shunts": {
         "negotiation": {"private-or-clear": "hold", "private": "hold"},
@@ -112,6 +116,8 @@ class Config:
     rekey_margin: int
     liveness: int
     auth_null: bool
+    retransmit_timeout: float
+    retransmit_tries: int
     negotiation_shunt: dict[str, ShuntKind]
     failure_shunt: dict[str, ShuntKind]
     hold_packets: int
@@ -304,6 +310,8 @@ def parse(text: str, path: Path | str = "<config>") -> Config:
         rekey_margin=margin,
         liveness=k.number("liveness", 0, 3600),
         auth_null=k.get("auth_null", bool),
+        retransmit_timeout=float(k.number("retransmit_timeout", 0.05, 60, kind=float)),
+        retransmit_tries=k.number("retransmit_tries", 1, 20),
         negotiation_shunt=shunt_table("negotiation", ("hold", "pass", "drop")),
         failure_shunt=shunt_table("failure", ("pass", "drop")),
         hold_packets=s.number("hold_packets", 0, 1024),

@@ -152,6 +152,9 @@ def cmd_run(args) -> int:
     cfg = config_mod.load(args.config)
     logging.basicConfig(level=cfg.log_level.upper(),
                         format="%(levelname)s %(name)s: %(message)s")
+    for h in logging.getLogger().handlers:  # pyroute2's and asyncio's debug output drown ours
+        h.addFilter(lambda r: r.levelno >= logging.WARNING
+                    or not r.name.startswith(("pyroute2", "asyncio")))
     try:
         return asyncio.run(Daemon(cfg).run())
     except PermissionError as e:

@@ -387,11 +387,13 @@ class Agent:
             self._supply(p)
             return
         reason, detail = verdict
+        # an IKE SA waiting for keys is refused (the peer hears AUTHENTICATION_FAILED and
+        # fails fast instead of retransmitting); one that is not waiting yet is dropped
+        self._supply(p)
         for ike_id in list(p.negotiations):
             if self.ike:
                 self.ike.abort(p.remote, ike_id, reason)
         p.negotiations.clear()
-        p.keys_needed.clear()
         await self._input(p, PeerInput.FAILED, Failed(p.remote, reason, detail=detail))
 
     _HANDLERS: dict[type, Callable] = {}
@@ -432,13 +434,18 @@ class Agent:
         keys: list | str | None = None
         if p.static is not None:
             keys = self._static_keys(p.static)
-        elif p.answer is not None and self._judge(p) is None:
-            ks = [k.public_key for k in (getattr(p.answer, "keys", None) or [])]
-            keys = ks or UNAUTHENTICATED
+        elif p.answer is not None:
+            if self._judge(p) is None:
+                ks = [k.public_key for k in (getattr(p.answer, "keys", None) or [])]
+                keys = ks or UNAUTHENTICATED
+            else:
+                keys = []  # no usable key: the engine refuses the peer's AUTH
         if keys is None:
             return
         for ike_id in list(p.keys_needed):
             self.ike.supply_peer_keys(p.remote, ike_id, keys)
+            if keys == []:
+                p.negotiations.discard(ike_id)  # it ends in AUTHENTICATION_FAILED
         p.keys_needed.clear()
 
     def _static_keys(self, pc: PeerConfig) -> list | str:

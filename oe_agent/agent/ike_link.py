@@ -131,11 +131,14 @@ class IkeLinkAdapter:
                          ike_lifetime_s=self.cfg.ike_lifetime,
                          child_lifetime_s=self.cfg.child_lifetime,
                          liveness_interval=float(self.cfg.liveness),
+                         retransmit_timeout=self.cfg.retransmit_timeout,
+                         retransmit_tries=self.cfg.retransmit_tries,
                          ike_port=self.cfg.ike_port, natt_port=self.cfg.natt_port, **kw)
 
     def _responder_config(self, local: IPAddress, remote: IPAddress) -> IkeConfig | None:
         """Answer only if the peer's group says so (product.md §1 responder)."""
         if not self.agent.may_respond(remote):
+            log.info("IKE_SA_INIT from %s: its group does not answer; dropped", remote)
             return None
         pc = self.agent.static.get(remote)
         if pc is not None:
@@ -198,6 +201,8 @@ class IkeLinkAdapter:
         self._pump()
 
     def _send(self, dg: Datagram) -> None:
+        log.debug("IKE %d bytes to %s:%d from %s:%d", len(dg.data), dg.remote, dg.remote_port,
+                  dg.local, dg.local_port)
         if self._transport is not None:
             self._transport(dg)
             return
@@ -250,8 +255,8 @@ class IkeLinkAdapter:
             from oe_agent.trap import socket_bypass as bypass
         for a in addresses:
             a = ipaddress.ip_address(a)
-            if a.is_loopback or a.is_link_local:
-                continue
+            if a.is_link_local:
+                continue  # would need a scope; OE peers are reached on global addresses
             fam = socket.AF_INET6 if a.version == 6 else socket.AF_INET
             for port in (self.cfg.ike_port, self.cfg.natt_port):
                 s = socket.socket(fam, socket.SOCK_DGRAM)
@@ -289,10 +294,10 @@ class IkeLinkAdapter:
             try:
                 data, addr = s.recvfrom(65535)
             except (BlockingIOError, InterruptedError):
-                return
+                break
             except OSError as e:
                 log.debug("IKE socket %s:%d: %s", local, port, e.strerror)
-                return
+                break
             remote = (ipaddress.ip_address(addr[0].split("%")[0]), addr[1])
             if port == self.cfg.natt_port:
                 if len(data) == 1 and data[0] == 0xFF:
@@ -302,7 +307,13 @@ class IkeLinkAdapter:
                         self.dataplane.esp_received(data, (str(remote[0]), remote[1]))
                     continue
                 data = data[4:]
+            log.debug("IKE %d bytes from %s:%d on %s:%d", len(data), remote[0], remote[1],
+                      local, port)
             self.endpoint.receive_datagram(data, (local, port), remote, self.clock())
+            for sa in self.endpoint.find(remote[0]):
+                if sa.last_error:
+                    log.info("IKE from %s: %s", remote[0], sa.last_error)
+                    sa.last_error = ""
         self._pump()
 
 

@@ -96,8 +96,8 @@ async def test_no_key_published_long_shunt_then_exact_trap_restore(dst, kind):
     await acquire(agent, dst)
     await agent.handle(KeyNeeded(dst, ike_id=1))
     await settle(agent)
-    assert ike.of("abort") == [("abort", dst, 1, "no-key")]
-    assert ike.of("keys") == []
+    # the waiting IKE SA is refused (the peer hears AUTHENTICATION_FAILED), not dropped
+    assert ike.of("keys") == [("keys", dst, 1, [])] and ike.of("abort") == []
     assert dp.shunts[(LOCAL, dst)][0] == kind
     s = agent.shunts.get(dst)
     assert s.reason == "no-key" and s.lifetime == 3600  # negative TTL is longer than 900
@@ -155,7 +155,7 @@ async def test_insecure_key_ok_for_poc_marked_unauthenticated_but_not_for_privat
         await acquire(agent, dst)
         await agent.handle(KeyNeeded(dst, ike_id=ike.of("initiate")[-1][2]))
         await settle(agent)
-    assert [c[1] for c in ike.of("keys")] == [POC]
+    assert [(c[1], c[3] == []) for c in ike.of("keys")] == [(POC, False), (PRIV, True)]
     await agent.handle(ChildUp(POC, child(POC), ike_id=1))
     assert "unauthenticated (key from unsigned DNS)" in agent.explain(POC, clock())["now"]
     s = agent.shunts.get(PRIV)
@@ -172,7 +172,7 @@ async def test_auth_null_where_configured_never_for_private():
     await agent.handle(KeyNeeded(POC, ike_id=1))
     await agent.handle(KeyNeeded(PRIV, ike_id=2))
     await settle(agent)
-    assert ike.of("keys") == [("keys", POC, 1, UNAUTHENTICATED)]
+    assert ike.of("keys") == [("keys", POC, 1, UNAUTHENTICATED), ("keys", PRIV, 2, [])]
     assert agent.shunts.get(PRIV).reason == "no-key"
     await agent.handle(ChildUp(POC, child(POC), ike_id=1, auth="null"))
     assert "AUTH_NULL" in agent.explain(POC, clock())["now"]

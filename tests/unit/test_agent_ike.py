@@ -215,3 +215,68 @@ async def test_stop_deletes_the_peer_sas_too():
         await until(lambda: b.state(A) is PeerState.TRAP and b.dp.sas == {}, "B to remove its SAs")
     finally:
         await close(a, b, tasks)
+
+
+async def test_responder_without_the_initiators_key_refuses_at_once():
+    a, b, tasks = await pair(POC, COP)
+    try:
+        a.publish(b, "secure-denial")  # B finds no key for A
+        b.publish(a)
+        a.agent.post(Acquire(src=A, dst=B))
+        await until(lambda: a.state(B) is PeerState.SHUNTED, "A's failure shunt")
+        s = a.agent.shunts.get(B)
+        # AUTHENTICATION_FAILED from B: refused, not a silent peer after retransmissions
+        assert (s.kind.value, s.reason) == ("pass", "refused")
+        assert b.state(A) is PeerState.TRAP and b.dp.sas == {} and a.dp.sas == {}
+    finally:
+        await close(a, b, tasks)
+
+
+def _free_port_pair():
+    import socket
+    for _ in range(50):
+        s1, s2 = socket.socket(socket.AF_INET, socket.SOCK_DGRAM), socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            s1.bind(("127.0.0.1", 0))
+            port = s1.getsockname()[1]
+            s2.bind(("127.0.0.1", port + 1))
+            return port
+        except OSError:
+            continue
+        finally:
+            s1.close()
+            s2.close()
+    raise AssertionError("no free port pair")
+
+
+async def test_real_udp_sockets_on_loopback():
+    """The socket path (recv batches, pump after every read), not only the in-memory one."""
+    port = _free_port_pair()
+    la, lb = ipaddress.ip_address("127.0.0.2"), ipaddress.ip_address("127.0.0.3")
+    sides = []
+    for me, g in ((la, {"private-or-clear": "127.0.0.0/8\n"}), (lb, {"clear-or-private": "127.0.0.0/8\n"})):
+        cfg = parse(f'[agent]\naddresses = ["{me}"]\n[ike]\nport = {port}\nnatt_port = {port + 1}\n')
+        dp, res = FakeDataplane(), FakeResolver()
+        agent = Agent(cfg, dp, None, res, groups(g, exempt=(me,)))
+        key = ed25519.Ed25519PrivateKey.generate()
+        agent.ike = IkeLinkAdapter(cfg, agent, dp, credential=ikeauth.SignatureCredential(key))
+        sides.append((agent, res, key, dp))
+    (a, ares, akey, adp), (b, bres, bkey, bdp) = sides
+    ares.answers[str(lb)] = Answer("secure-key", (Key(bkey.public_key()),))
+    bres.answers[str(la)] = Answer("secure-key", (Key(akey.public_key()),))
+    tasks = []
+    for agent, *_ in sides:
+        await agent.ike.start()
+        await agent.start()
+        tasks.append(asyncio.create_task(agent.run()))
+    try:
+        a.post(Acquire(src=la, dst=lb))
+        await until(lambda: lb in a.peers and a.peers[lb].state is PeerState.UP
+                    and la in b.peers and b.peers[la].state is PeerState.UP, "SA up over UDP")
+        (sa_a,), (sa_b,) = adp.sas.values(), bdp.sas.values()
+        assert sa_a.spi_in == sa_b.spi_out and sa_a.spi_out == sa_b.spi_in
+    finally:
+        for agent, *_ in sides:
+            await agent.stop()
+            agent.ike.stop()
+        await asyncio.wait_for(asyncio.gather(*tasks), 5)
