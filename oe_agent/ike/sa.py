@@ -241,6 +241,7 @@ class IkeSa:
         self._rekey_at: float | None = None
         self._deferred: list[tuple[float, Callable[[float], None]]] = []
         self._collisions: dict[int, tuple[ChildSa, bytes, bytes]] = {}  # old spi_in -> peer's
+        self._superseded: set[int] = set()  # old SPIs whose rekey race the peer settled
         self._ike_candidate: _Keyset | None = None  # peer's IKE rekey during ours (§2.8.2)
         self.last_error: str = ""
         self._first_ni = b""
@@ -1074,6 +1075,17 @@ class IkeSa:
             self._emit(NegotiationFailed(_reason(e.notify_type), str(e), e.notify_type,
                                          child=True))
             return None
+        if old is None and req_ctx["old"] in self._superseded:
+            # the peer won a collision and deleted the old pair before this answer came:
+            # ours is the redundant one, never installed; we made it, we delete it (§2.8.1)
+            self._superseded.discard(req_ctx["old"])
+            child.announced = False
+            child.state = ChildState.DELETING
+            self.children[child.spi_in] = child
+            self._request(self._ks, ExchangeType.INFORMATIONAL,
+                          [Delete(ProtocolId.ESP, (child.spi_in.to_bytes(4, "big"),))],
+                          "delete-child", {"spis": [child.spi_in]}, now)
+            return None
         if old is None:
             self._add_child(child, initiator=True)
             return None
@@ -1145,6 +1157,16 @@ class IkeSa:
 
     def _on_ike_rekey_response(self, ks: _Keyset, msg: Message, ctx: dict, now: float):
         err = _error_notify(msg)
+        if ks is not self._ks:
+            # we already moved to the peer's new SA (it won and deleted this generation):
+            # a new SA from our request is redundant; we made it, we delete it (§2.8.2)
+            self._drop_keyset(ks)
+            if err is None:
+                new = self._ike_from_answer(ks, msg, ctx)
+                self._retired.append(new)
+                self._request(new, ExchangeType.INFORMATIONAL, [Delete(ProtocolId.IKE)],
+                              "delete-retired", {}, now)
+            return None
         candidate, self._ike_candidate = self._ike_candidate, None
         if err is not None:
             if candidate is not None:  # the peer's rekey stands
@@ -1155,14 +1177,7 @@ class IkeSa:
                 self._emit(NegotiationFailed(_reason(err.notify_type), "IKE rekey refused",
                                              err.notify_type, child=True))
             return None
-        sa = _need(msg, SecurityAssociation, "SA")
-        ke = _need(msg, KeyExchange, "KE")
-        nr = _check_nonce(_need(msg, Nonce, "Nr"))
-        chosen = check_choice(sa, with_spi(self.config.ike_offer(), ctx["spi"]), ProtocolId.IKE)
-        if len(chosen.spi) != 8 or ke.group != ctx["dh"].group:
-            raise IkeProtocolError(NotifyType.INVALID_SYNTAX, "bad IKE rekey answer")
-        new = _Keyset(ctx["spi"], chosen.spi, initiator=True, ni=ctx["ni"], nr=nr)
-        self._derive(new, Suite.from_proposal(chosen), ctx["dh"].shared(ke.data), old=ks)
+        new = self._ike_from_answer(ks, msg, ctx)
         if candidate is not None and min(new.ni, new.nr, candidate.ni, candidate.nr) in (
                 new.ni, new.nr):
             # ours is redundant: delete it on itself; the peer deletes the old one
@@ -1175,6 +1190,18 @@ class IkeSa:
             self._retired.append(candidate)  # the peer deletes its redundant one
         self._switch_keyset(new, now, delete_old=True)
         return None
+
+    def _ike_from_answer(self, ks: _Keyset, msg: Message, ctx: dict) -> _Keyset:
+        """The new IKE SA generation from a CREATE_CHILD_SA answer to our IKE rekey (§2.18)."""
+        sa = _need(msg, SecurityAssociation, "SA")
+        ke = _need(msg, KeyExchange, "KE")
+        nr = _check_nonce(_need(msg, Nonce, "Nr"))
+        chosen = check_choice(sa, with_spi(self.config.ike_offer(), ctx["spi"]), ProtocolId.IKE)
+        if len(chosen.spi) != 8 or ke.group != ctx["dh"].group:
+            raise IkeProtocolError(NotifyType.INVALID_SYNTAX, "bad IKE rekey answer")
+        new = _Keyset(ctx["spi"], chosen.spi, initiator=True, ni=ctx["ni"], nr=nr)
+        self._derive(new, Suite.from_proposal(chosen), ctx["dh"].shared(ke.data), old=ks)
+        return new
 
     def _switch_keyset(self, new: _Keyset, now: float, delete_old: bool = False) -> None:
         old = self._ks
@@ -1215,9 +1242,10 @@ class IkeSa:
                 # the peer won an IKE rekey collision and deletes the old SA before our own
                 # rekey's (failed) answer came: its new SA is the one (§2.8.2)
                 candidate, self._ike_candidate = self._ike_candidate, None
-                ks.pending = None
                 self._switch_keyset(candidate, now)
-                self._drop_keyset(ks)
+                if ks.pending is None:
+                    self._drop_keyset(ks)
+                # else: the answer to our own rekey still comes on it (see below)
                 return None
             self._close(now, "peer")
             return IkeState.CLOSED
@@ -1235,6 +1263,7 @@ class IkeSa:
                 peer = self._collisions.pop(child.spi_in, None)
                 if peer is not None:  # the peer won the rekey race: its new pair stands
                     self._settle_rekey(child, None, peer, now)
+                    self._superseded.add(child.spi_in)
                 self._remove_child(child, "peer")
         if msg.notify(NotifyType.AUTHENTICATION_FAILED) is not None:
             self._respond(ks, msg, [])
