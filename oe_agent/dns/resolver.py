@@ -282,6 +282,9 @@ class KeyResolver:
         return max(0, int(min(s.expiration for s in sigs) - self.now()))
 
     def _insecure_reason(self, name) -> str:
+        notes = [z for z in self.validator.insecure_notes if name.is_subdomain(z)]
+        if notes:
+            return self.validator.insecure_notes[max(notes, key=len)]
         if self.validator.anchor_for(name) is None:
             return f"no trust anchor covers {name}"
         return f"{name} is in a zone with no DS in its parent (insecure delegation)"

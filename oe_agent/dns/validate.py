@@ -27,6 +27,10 @@ RRSIG, NSEC, NSEC3, DS, SOA, CNAME, DNSKEY, NS = (
     dns.rdatatype.RRSIG, dns.rdatatype.NSEC, dns.rdatatype.NSEC3, dns.rdatatype.DS,
     dns.rdatatype.SOA, dns.rdatatype.CNAME, dns.rdatatype.DNSKEY, dns.rdatatype.NS)
 
+# algorithms dnspython/cryptography validate (RFC 8624 §3.1 MUST/RECOMMENDED, plus RSASHA1)
+SUPPORTED_ALGORITHMS = {5, 7, 8, 10, 13, 14, 15, 16}
+SUPPORTED_DIGESTS = {1, 2, 4}
+
 Fetch = Callable[[dns.name.Name, int], Awaitable[dns.message.Message]]
 
 
@@ -131,6 +135,7 @@ class Validator:
         self._keys: dict[dns.name.Name, _ZoneKeys] = {}
         self._zone_of: dict[dns.name.Name, tuple[dns.name.Name, float]] = {}
         self.last_proof = ""  # which records proved the last denial (for the reason text)
+        self.insecure_notes: dict[dns.name.Name, str] = {}  # why a zone counts as unsigned
 
     def anchor_for(self, name: dns.name.Name) -> dns.name.Name | None:
         best = None
@@ -167,7 +172,7 @@ class Validator:
                 return INSECURE
             try:
                 dns.dnssec.validate(rrset, sigs, {signer: keys}, now=self.now())
-            except dns.dnssec.ValidationFailure as exc:
+            except (dns.dnssec.ValidationFailure, dns.dnssec.UnsupportedAlgorithm) as exc:
                 errors.append(_why(sigs, self.now(), exc))
                 continue
             labels = len(rrset.name) - 1 - (1 if rrset.name.is_wild() else 0)
@@ -224,7 +229,15 @@ class Validator:
         self._keys[zone] = _ZoneKeys(keys, self.clock() + min(ttl, self.key_cache_max))
         return keys
 
-    async def _dnskeys(self, zone, ds_or_keys) -> tuple[dns.rrset.RRset, int]:
+    async def _dnskeys(self, zone, ds_or_keys) -> tuple[dns.rrset.RRset | None, int]:
+        usable = [a for a in ds_or_keys if a.algorithm in SUPPORTED_ALGORITHMS
+                  and (a.rdtype == DNSKEY or a.digest_type in SUPPORTED_DIGESTS)]
+        if not usable:  # RFC 4035 §5.2 / RFC 6840 §5.2: nothing we can check: insecure
+            algs = sorted({a.algorithm for a in ds_or_keys})
+            self.insecure_notes[zone] = (f"zone {zone} uses DNSSEC algorithm(s) {algs} this "
+                                         f"validator does not support, treated as unsigned")
+            return None, self.key_cache_max
+        ds_or_keys = usable
         msg = await self.fetch(zone, DNSKEY)
         keys = find(msg.answer, zone, DNSKEY)
         if keys is None:
@@ -249,7 +262,7 @@ class Validator:
         anchor_set = dns.rrset.from_rdata_list(zone, keys.ttl, trusted)
         try:
             dns.dnssec.validate(keys, sigs, {zone: anchor_set}, now=self.now())
-        except dns.dnssec.ValidationFailure as exc:
+        except (dns.dnssec.ValidationFailure, dns.dnssec.UnsupportedAlgorithm) as exc:
             raise Bogus(f"zone {zone}: DNSKEY rrset signature does not verify "
                         f"({_why(sigs, self.now(), exc)})") from None
         return keys, min(keys.ttl, sigs.ttl)
@@ -280,7 +293,7 @@ class Validator:
                 raise Bogus(f"{r.name} {dns.rdatatype.to_text(r.rdtype)}: no RRSIG")
             try:
                 dns.dnssec.validate(r, sig, {zone: keys}, now=self.now())
-            except dns.dnssec.ValidationFailure as exc:
+            except (dns.dnssec.ValidationFailure, dns.dnssec.UnsupportedAlgorithm) as exc:
                 raise Bogus(f"{r.name} {dns.rdatatype.to_text(r.rdtype)}: signature does not "
                             f"verify ({_why(sig, self.now(), exc)})") from None
         return nsecs
@@ -332,6 +345,8 @@ def _why(sigs, now: float, exc: Exception) -> str:
         return f"RRSIG expired at {when}"
     if sigs and all(s.inception > now for s in sigs):
         return "RRSIG not yet valid"
+    if isinstance(exc, dns.dnssec.UnsupportedAlgorithm):
+        return f"unsupported algorithm: {exc}"
     return f"{exc}: the data or the signature was changed"
 
 

@@ -310,3 +310,9 @@ async def test_lost_datagram_is_retried_within_the_bound(server):
     a = await _resolver(server, timeout=3, attempt_timeout=0.3).lookup("ed448.oe.example")
     assert dropped and a.status == "secure-key"
     assert server.queries[("ed448.oe.example.", "IPSECKEY")] == 1  # the one after the drop
+
+
+async def test_anchor_with_unsupported_algorithm_is_insecure(server):
+    anchor = "oe.example. IN DS 12345 253 2 " + "ab" * 32  # 253: private algorithm
+    a = await KeyResolver([server.address], anchor, "validate").lookup("ed25519.oe.example")
+    assert a.status == "insecure" and "253" in a.reason and len(a.keys) == 1
