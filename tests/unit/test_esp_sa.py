@@ -176,6 +176,27 @@ def test_chacha_layout_matches_rfc7634():
     assert plain == b"12345\x01\x01\x04"
 
 
+def test_chacha_esn_aad_against_rfc7539_aead_example():
+    """RFC 7539 §2.8.2's AEAD example has exactly ESP's shape under RFC 7634 with ESN: key
+    80..9f, nonce = salt 07000000 || IV 4041424344454647, 12-byte AAD 50515253 c0c1c2c3
+    c4c5c6c7 = SPI || seq high || seq low (RFC 4106 §5). Our transform must produce the
+    RFC's first ciphertext block and tag, and open it again."""
+    t = make_transform(EspAlgorithm("chacha20-poly1305", 256),
+                       bytes(range(0x80, 0xA0)) + bytes.fromhex("07000000"))
+    plain = (b"Ladies and Gentlemen of the class of '99: If I could offer you only one tip "
+             b"for the future, sunscreen would be it.")
+    spi_seq = bytes.fromhex("50515253c4c5c6c7")
+    seq_hi = bytes.fromhex("c0c1c2c3")
+    iv = bytes.fromhex("4041424344454647")
+    body = t.seal(spi_seq, seq_hi, iv, plain)
+    assert body[:8] == iv and len(body) == 8 + 114 + 16
+    assert body[8:24] == bytes.fromhex("d31a8d34648e60db7b86afbc53ef7ec2")
+    assert body[-16:] == bytes.fromhex("1ae10b594f09e26a7e902ecbd0600691")
+    assert t.open(spi_seq + body, seq_hi) == plain
+    with pytest.raises(EspError):  # without the high bits in the AAD the tag fails
+        t.open(spi_seq + body, None)
+
+
 def test_cbc_hmac_layout_matches_rfc4303_and_rfc4868():
     """AES-CBC (RFC 3602) pads to 16; ICV = HMAC-SHA-256(SPI..ciphertext [|| seq hi])[:16]."""
     key, ikey, iv = bytes(range(16)), bytes(range(32)), bytes(range(50, 66))
