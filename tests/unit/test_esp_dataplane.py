@@ -446,3 +446,10 @@ async def test_alloc_spi_never_repeats_and_skips_reserved_range():
     dp = UserspaceDataplane(rng=lambda n: next(seq))
     assert await dp.alloc_spi(A, B) == 0x1000  # 5 is reserved by RFC 4303 §2.1
     assert await dp.alloc_spi(A, B) == 0x2000  # 0x1000 is taken until its SA comes
+
+
+def test_tun_name_checked_before_anything_is_opened():
+    from oe_agent.esp.tun import TunDevice
+    for bad in ("", "x" * 16, "a/b", " oe0"):
+        with pytest.raises(UserError, match="bad TUN interface name"):
+            TunDevice(bad)
