@@ -247,6 +247,8 @@ class Validator:
             raise Bogus(f"zone {zone}: DNSKEY rrset without RRSIG")
         trusted = []
         for k in keys:
+            if not k.flags & 0x0100 or k.flags & 0x0080:  # not a zone key (RFC 4034 §2.1.1),
+                continue                                  # or revoked (RFC 5011 §3)
             for a in ds_or_keys:
                 if a.rdtype == DNSKEY and a == k:
                     trusted.append(k)
