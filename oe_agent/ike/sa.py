@@ -241,6 +241,7 @@ class IkeSa:
         self._rekey_at: float | None = None
         self._deferred: list[tuple[float, Callable[[float], None]]] = []
         self._collisions: dict[int, tuple[ChildSa, bytes, bytes]] = {}  # old spi_in -> peer's
+        self._delete_requested = False
         self._superseded: set[int] = set()  # old SPIs whose rekey race the peer settled
         self._ike_candidate: _Keyset | None = None  # peer's IKE rekey during ours (§2.8.2)
         self.last_error: str = ""
@@ -331,6 +332,9 @@ class IkeSa:
         """Delete the IKE SA and with it every Child SA (§1.4.1)."""
         if self.state in (IkeState.ESTABLISHED,):
             self._dispatch(Input.DELETE, self._ks, None, now)
+        elif self.state in (IkeState.AUTH_SENT, IkeState.KEYS_WAIT) and self._ks.initiator:
+            # the responder may already hold the SA: delete it once IKE_AUTH has completed
+            self._delete_requested = True
         elif self.state != IkeState.CLOSED:
             self._close(now, None)
 
@@ -899,6 +903,8 @@ class IkeSa:
             (self._local_port, self._remote_port) if self._local_port == self.config.natt_port
             else None,
             f"{ks.cipher.encr.name}-{ks.cipher.key_bits}/{ks.prf.name}/{s.dh}"))
+        if self._delete_requested:
+            self._deferred.append((now, self.delete))
 
     # ------------------------------------------------------------------ Child SAs
     def _accept_child(self, ks: _Keyset, msg: Message, ni: bytes, nr: bytes, g_ir: bytes,

@@ -604,3 +604,21 @@ def test_ike_rekey_collision_late_request(keys):
     p.r.rekey_child(_child(p, p.r), p.now)
     p.run()
     assert p.of(p.events_i, ChildSaRekeyed)
+
+
+def test_delete_during_ike_auth_still_reaches_the_responder(keys):
+    """delete() while our IKE_AUTH is out: the responder may already hold the SA, so the
+    Delete follows as soon as IKE_AUTH completes (nothing is left behind on either side)."""
+    p = Pair.make(*configs(keys, "ed25519"))
+    p.i.connect(p.now)
+    p.deliver(p.i, p.pending(p.i))
+    p.deliver(p.r, p.pending(p.r))
+    p.deliver(p.i, p.pending(p.i))  # IKE_AUTH request: r is established now
+    assert p.r.state == IkeState.ESTABLISHED and p.i.state == IkeState.AUTH_SENT
+    p.i.delete(p.now)
+    p.run()
+    p.advance(0)
+    p.run()
+    assert p.i.state == p.r.state == IkeState.CLOSED
+    p.collect()
+    assert len(p.of(p.events_r, IkeSaDeleted)) == 1
