@@ -16,9 +16,11 @@ Transport mode reassembles the host's own fragments first (it protects whole dat
 A pass shunt (negotiation or failure) is a /32 or /128 `throw` route, so it overrides the trap
 route of its group; hold = a bounded queue per destination, released through the SA when it is
 added, sent clear when the shunt becomes pass, dropped when it becomes drop or expires.
-Limits (unlike XFRM): no inbound policy, so clear packets from a blocked or `private` peer still
-reach local sockets (only what this host sends is blocked/held/encrypted: replies never leave);
-SAs live in this process and go with it (`stop(keep_sas=True)` cannot keep them).
+Block is also inbound, as XFRM's block policy: inbound.py drops clear packets from blocked
+sources with one nftables table of ours (needs `nft`; port-specific blocks are outbound only).
+Limits (unlike XFRM): trap has no inbound check, so a clear packet from a `private` peer still
+reaches local sockets (the reply is held/dropped: nothing leaves in the clear); SAs live in this
+process and go with it (`stop(keep_sas=True)` cannot keep them).
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ from typing import AsyncIterator, Callable
 
 from oe_agent.errors import UserError
 from oe_agent.esp import packet
+from oe_agent.esp.inbound import NftInbound, effective_block
 from oe_agent.esp.sa import ALGORITHMS, ChildSa, EspError
 from oe_agent.esp.tun import TunDevice
 from oe_agent.esp.udp import SO_MARK, RawEsp, UdpEncap, open_socket
@@ -113,6 +116,9 @@ class UserspaceDataplane:
         self._reassembler = packet.Reassembler()
         self._rules_installed = False
         self._spi_reserved: dict[int, None] = {}  # insertion-ordered, bounded
+        self._inbound = NftInbound(ifname)
+        self.inbound_block = False  # nftables drops clear packets from blocked sources
+        self._blocked_in: list[IPNetwork] = []
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -129,7 +135,8 @@ class UserspaceDataplane:
             raise UserError(f"userspace dataplane: cannot start: {e}") from None
         return Capabilities(esp=True, algorithms=frozenset(ALGORITHMS),
                             detail=f"userspace ESP over TUN {self._tun.name} (mtu {self.mtu}"
-                                   f"{', raw ESP' if self.raw_esp else ''}, ESP-in-UDP)")
+                                   f"{', raw ESP' if self.raw_esp else ''}, ESP-in-UDP, "
+                                   f"inbound block: {'nftables' if self.inbound_block else 'none'})")
 
     async def _start(self) -> None:
         from pyroute2 import AsyncIPRoute  # only here: the sans-I/O parts never need it
@@ -152,6 +159,10 @@ class UserspaceDataplane:
             await self._ipr.flush_routes(table=self.table, family=fam)
         self._rules_installed = True
         await self._install_rules()
+        self.inbound_block = await self._inbound.start()
+        if not self.inbound_block:
+            log.warning("no inbound half of block (%s): only what this host sends is blocked",
+                        self._inbound.error)
         for fam in (socket.AF_INET, socket.AF_INET6):
             s = open_socket(fam, socket.SOCK_RAW, socket.IPPROTO_RAW)
             if s is None:
@@ -204,6 +215,9 @@ class UserspaceDataplane:
             if self._rules_installed:
                 await self._remove_rules()
                 self._rules_installed = False
+        if self.inbound_block:
+            await self._inbound.stop()
+            self.inbound_block = False
             self._ipr.close()
             self._ipr = None
         if self._tun is not None:
@@ -335,6 +349,12 @@ class UserspaceDataplane:
         if (proto or port) and (kind == PASS) != (key in self._port_rules):
             await self._port_rule(key, add=kind == PASS)
         await self._sync_route(net)
+        blocked = effective_block((n, k) for (n, pr, po), k in self._policies.items()
+                                  if not (pr or po))  # port-specific blocks: outbound only
+        if blocked != self._blocked_in:
+            self._blocked_in = blocked
+            if self.inbound_block:
+                await self._inbound.apply(blocked)
 
     async def set_trap(self, dst: IPNetwork, proto: int = 0, port: int = 0) -> None:
         await self._set_policy(dst, proto, port, TRAP)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import os
 import struct
 import sys
@@ -175,6 +176,12 @@ def test_ping_udp_tcp_over_userspace_esp(esp_pair):
     h2.run("ping", "-c", "1", "-W", "2", h3.v4, timeout=10)
     r = h1.run("ping", "-c", "2", "-i", "0.2", "-W", "1", h3.v4, check=False, timeout=10)
     assert r.returncode != 0
+    # ... both directions, as XFRM's block policy: h3's packets are dropped on the way in
+    h3.run("ping", "-c", "2", "-i", "0.2", "-W", "1", h1.v4, check=False, timeout=10)
+    table = h1.run("nft", "list", "table", "inet", "oe_agent_oe0").stdout
+    m = re.search(r"ip saddr @block4 counter packets (\d+)", table)
+    assert m and int(m.group(1)) >= 2, table
+    assert f"{h3.v4}" in table
 
     time.sleep(0.5)  # let tcpdump flush its last packets (bounded: not an assertion on time)
     h1.stop(oe0)
@@ -254,5 +261,7 @@ def test_restart_after_crash_and_second_instance_refused(hosts):
     assert second.returncode == 2 and "Traceback" not in second.stderr
     assert "oe0" in second.stderr, second.stderr
     assert h1.run("ip", "rule").stdout == rules  # the failed start removed nothing of p2's
+    assert "oe_agent_oe0" in h1.run("nft", "list", "tables").stdout
     _stop_and_stats(h1, p2)
     assert "28517" not in h1.run("ip", "rule").stdout
+    assert "oe_agent_oe0" not in h1.run("nft", "list", "tables").stdout

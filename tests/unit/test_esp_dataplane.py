@@ -453,3 +453,13 @@ def test_tun_name_checked_before_anything_is_opened():
     for bad in ("", "x" * 16, "a/b", " oe0"):
         with pytest.raises(UserError, match="bad TUN interface name"):
             TunDevice(bad)
+
+
+def test_effective_block_is_longest_prefix():
+    from oe_agent.esp.inbound import effective_block
+    n = ipaddress.ip_network
+    got = effective_block([(n("203.0.113.0/24"), "block"), (n("203.0.113.0/26"), "pass"),
+                           (n("203.0.113.8/29"), "block"), (n("203.0.113.128/25"), "trap"),
+                           (n("2001:db8:b::/48"), "block"), (n("198.51.100.0/24"), "pass")])
+    assert got == [n("203.0.113.8/29"), n("203.0.113.64/26"), n("2001:db8:b::/48")]
+    assert effective_block([(n("192.0.2.0/24"), "trap")]) == []

@@ -1,0 +1,93 @@
+"""Inbound half of `block` for the userspace dataplane (XFRM's block policy has an `in` direction
+too; routes only steer what this host sends). Clear packets from a blocked source are dropped by
+one nftables table of our own, `inet oe_agent_<ifname>`, whose sets hold exactly the addresses
+whose longest-prefix group is `block` (product.md §2: a longer pass or trap inside a blocked
+prefix wins). Packets that come out of oe0 (decrypted ESP) are not filtered.
+
+Needs the `nft` tool; without it the dataplane still blocks what it sends and says so.
+"""
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import shutil
+from typing import Iterable
+
+from oe_agent.model import IPNetwork
+
+
+def effective_block(policies: Iterable[tuple[IPNetwork, str]]) -> list[IPNetwork]:
+    """The disjoint networks whose longest-prefix policy is "block": each blocked prefix
+    minus every longer policy prefix inside it (whatever that one's kind)."""
+    pol = list(policies)
+    out: list[IPNetwork] = []
+    for net, kind in pol:
+        if kind != "block":
+            continue
+        rest = [net]
+        for other, _ in pol:
+            if (other.version == net.version and other.prefixlen > net.prefixlen
+                    and other.subnet_of(net)):
+                nxt = []
+                for r in rest:
+                    if other.subnet_of(r):
+                        nxt.extend(r.address_exclude(other))
+                    elif not r.subnet_of(other):
+                        nxt.append(r)
+                rest = nxt
+        out.extend(rest)
+    return sorted(ipaddress.collapse_addresses([n for n in out if n.version == 4])) + sorted(
+        ipaddress.collapse_addresses([n for n in out if n.version == 6]))
+
+
+class NftInbound:
+    """Our nftables table: created by `start`, refreshed by `apply`, removed by `stop`."""
+
+    def __init__(self, ifname: str):
+        self.table = f"oe_agent_{ifname}"
+        self.ifname = ifname
+        self.available = shutil.which("nft") is not None
+        self.error = "" if self.available else "nft not found"
+
+    async def _nft(self, script: str) -> tuple[int, str]:
+        p = await asyncio.create_subprocess_exec(
+            "nft", "-f", "-", stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+        _, err = await p.communicate(script.encode())
+        return p.returncode, err.decode(errors="replace").strip()
+
+    async def start(self) -> bool:
+        if not self.available:
+            return False
+        await self._nft(f"delete table inet {self.table}\n")  # a crashed run's table
+        rc, err = await self._nft(
+            f"table inet {self.table} {{\n"
+            f"  set block4 {{ type ipv4_addr; flags interval; }}\n"
+            f"  set block6 {{ type ipv6_addr; flags interval; }}\n"
+            f"  chain input {{\n"
+            f"    type filter hook input priority filter - 10; policy accept;\n"
+            f"    iifname \"{self.ifname}\" accept\n"
+            f"    ip saddr @block4 counter drop\n"
+            f"    ip6 saddr @block6 counter drop\n"
+            f"  }}\n"
+            f"}}\n")
+        if rc != 0:
+            self.available, self.error = False, err or f"nft exited {rc}"
+        return self.available
+
+    async def apply(self, nets: list[IPNetwork]) -> None:
+        """Make the sets hold exactly `nets` (one nft transaction)."""
+        if not self.available:
+            return
+        lines = [f"flush set inet {self.table} block4", f"flush set inet {self.table} block6"]
+        for v, name in ((4, "block4"), (6, "block6")):
+            elems = [str(n) for n in nets if n.version == v]
+            if elems:
+                lines.append(f"add element inet {self.table} {name} {{ {', '.join(elems)} }}")
+        rc, err = await self._nft("\n".join(lines) + "\n")
+        if rc != 0:
+            self.error = err or f"nft exited {rc}"
+
+    async def stop(self) -> None:
+        if self.available:
+            await self._nft(f"delete table inet {self.table}\n")
