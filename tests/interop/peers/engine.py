@@ -96,6 +96,11 @@ class EnginePeer:
                 out.append(json.loads(line[6:]))
         return out
 
+    def status(self, timeout: float = 10.0) -> dict:
+        """The engine's IKE SAs and their Child SAs right now (a Status event)."""
+        self.send("status")
+        return self.wait_event("Status", timeout=timeout)
+
     def events_named(self, name: str) -> list[dict]:
         return [e for e in self.events() if e["event"] == name]
 

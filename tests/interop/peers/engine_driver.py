@@ -127,7 +127,10 @@ class Driver:
             self.adapter.act(sa.delete)
         elif op == "status":
             emit("Status", sas=[{"state": sa.state.value, "spi_i": sa.spi_i.hex(),
-                                 "spi_r": sa.spi_r.hex(), "children": list(sa.children)}
+                                 "spi_r": sa.spi_r.hex(), "initiated": sa.initiated,
+                                 "children": [{"spi_in": ch.spi_in, "spi_out": ch.spi_out,
+                                               "state": ch.state.value}
+                                              for ch in sa.children.values()]}
                                 for sa in self.adapter.endpoint.sas],
                  esp_packets=self.esp_packets, dropped=self.adapter.endpoint.dropped,
                  errors=self.adapter.errors)

@@ -84,3 +84,49 @@ def read_pcap(path: Path) -> list[UdpPacket]:
 def canary_seen(path: Path, canary: bytes) -> bool:
     """The plaintext marker anywhere in the capture (headers included: it must not appear)."""
     return canary in path.read_bytes()
+
+
+class Partition:
+    """nftables in one test host that drops its IKE/ESP traffic (UDP 500 and 4500) both ways,
+    with counters, so a test can make two requests cross: both sides send while the link is
+    cut, then it heals and their retransmissions meet (RFC 7296 §2.8.1 collisions)."""
+
+    TABLE = "oe_partition"
+
+    def __init__(self, host):
+        self.host = host
+
+    def cut(self) -> None:
+        self.host.run("nft", "-f", "-", input=(
+            f"table inet {self.TABLE} {{\n"
+            " chain in { type filter hook input priority -10; policy accept;\n"
+            "  udp dport { 500, 4500 } counter drop\n }\n"
+            " chain out { type filter hook output priority -10; policy accept;\n"
+            "  udp dport { 500, 4500 } counter drop\n }\n}\n"))
+
+    def dropped(self) -> tuple[int, int]:
+        """(packets dropped coming in, going out)."""
+        import json
+        out = self.host.run("nft", "-j", "list", "table", "inet", self.TABLE).stdout
+        counts = {}
+        for item in json.loads(out)["nftables"]:
+            rule = item.get("rule")
+            if rule:
+                for expr in rule["expr"]:
+                    if "counter" in expr:
+                        counts[rule["chain"]] = expr["counter"]["packets"]
+        return counts.get("in", 0), counts.get("out", 0)
+
+    def wait_dropped(self, inbound: int, outbound: int, timeout: float = 10.0) -> None:
+        import time
+        deadline = time.monotonic() + timeout
+        while True:
+            got = self.dropped()
+            if got[0] >= inbound and got[1] >= outbound:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"partition: dropped {got}, waiting for ({inbound}, {outbound})")
+            time.sleep(0.05)
+
+    def heal(self) -> None:
+        self.host.run("nft", "delete", "table", "inet", self.TABLE, check=False)

@@ -1,0 +1,87 @@
+"""Both sides act at once against charon: mutual initiation, simultaneous Child SA rekey and
+simultaneous IKE SA rekey (RFC 7296 §2.8.1, §2.8.2; product.md §5: one IKE SA and one Child SA
+pair in the end). The rekey requests are made to cross for sure: nftables cuts the engine's
+host off while both sides send, then heals, and their retransmissions meet. Each test then
+asserts the settled outcome: one IKE SA and one Child SA, the same SPIs on both sides."""
+from __future__ import annotations
+
+import time
+
+from tests.interop.peers.charon import sole_child
+from tests.interop.peers.wire import Partition
+from tests.interop.test_ike_charon import settled, setup_pair, spi_hex
+
+
+def engine_settled(engine, timeout: float = 20.0) -> tuple[dict, dict]:
+    """The engine has one established IKE SA with one installed Child SA (bounded poll)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        st = engine.status()
+        sas = [s for s in st["sas"] if s["state"] == "established"]
+        if len(st["sas"]) == 1 and len(sas) == 1:
+            children = sas[0]["children"]
+            if len(children) == 1 and children[0]["state"] == "installed":
+                return sas[0], children[0]
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"engine did not settle: {st}")
+        time.sleep(0.2)
+
+
+def both_agree(engine, c) -> None:
+    """Both settle (bounded) on the same single IKE SA and Child SA pair."""
+    try:
+        sa, child = settled(c, "one IKE SA and one Child SA on charon")
+    except TimeoutError as e:
+        raise AssertionError(f"{e}\nengine: {engine.status()}") from None
+    esa, echild = engine_settled(engine)
+    assert (esa["spi_i"], esa["spi_r"]) == (sa["initiator-spi"], sa["responder-spi"])
+    assert spi_hex(echild["spi_in"]) == child["spi-out"]
+    assert spi_hex(echild["spi_out"]) == child["spi-in"]
+
+
+def test_mutual_initiation(hosts, charon, keypair):
+    engine, c = setup_pair(hosts, charon, keypair, "ed25519", "x25519-gcm")
+    engine.start()
+    cut = Partition(engine.host)
+    cut.cut()
+    engine.send("initiate")
+    c.initiate_nowait("oe-host", "oe")
+    cut.wait_dropped(1, 1)  # both IKE_SA_INIT requests are out
+    cut.heal()
+    engine.wait_event("ChildSaEstablished", timeout=30)
+    both_agree(engine, c)
+
+
+def test_simultaneous_child_rekey(hosts, charon, keypair):
+    engine, c = setup_pair(hosts, charon, keypair, "ed25519", "x25519-gcm")
+    engine.start()
+    engine.send("initiate")
+    engine.wait_event("ChildSaEstablished")
+    _, child = settled(c, "established")
+    cut = Partition(engine.host)
+    cut.cut()
+    engine.send("rekey_child")
+    c.rekey(child_id=child["uniqueid"])
+    cut.wait_dropped(1, 1)  # both CREATE_CHILD_SA requests are out
+    cut.heal()
+    engine.wait_event("ChildSaRekeyed", timeout=30)
+    settled(c, "rekeyed", lambda s, ch: ch["spi-in"] != child["spi-in"])
+    both_agree(engine, c)
+
+
+def test_simultaneous_ike_rekey(hosts, charon, keypair):
+    engine, c = setup_pair(hosts, charon, keypair, "ed25519", "x25519-gcm")
+    engine.start()
+    engine.send("initiate")
+    engine.wait_event("ChildSaEstablished")
+    sa, child = settled(c, "established")
+    cut = Partition(engine.host)
+    cut.cut()
+    engine.send("rekey_ike")
+    c.rekey(ike_id=sa["uniqueid"])
+    cut.wait_dropped(1, 1)
+    cut.heal()
+    engine.wait_event("IkeSaRekeyed", timeout=30)
+    settled(c, "IKE rekeyed", lambda s, ch: s["initiator-spi"] != sa["initiator-spi"])
+    both_agree(engine, c)
+    assert sole_child(c.list_sas(), "oe")[1]["spi-in"] == child["spi-in"]
