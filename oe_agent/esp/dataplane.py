@@ -16,11 +16,9 @@ Transport mode reassembles the host's own fragments first (it protects whole dat
 A pass shunt (negotiation or failure) is a /32 or /128 `throw` route, so it overrides the trap
 route of its group; hold = a bounded queue per destination, released through the SA when it is
 added, sent clear when the shunt becomes pass, dropped when it becomes drop or expires.
-Block is also inbound, as XFRM's block policy: inbound.py drops clear packets from blocked
-sources with one nftables table of ours (needs `nft`; port-specific blocks are outbound only).
-Limits (unlike XFRM): trap has no inbound check, so a clear packet from a `private` peer still
-reaches local sockets (the reply is held/dropped: nothing leaves in the clear); SAs live in this
-process and go with it (`stop(keep_sas=True)` cannot keep them).
+Inbound, as XFRM's `in` policies: inbound.py drops clear packets from blocked sources and from
+peers that have an SA with one nftables table of ours (needs `nft`; port-specific blocks are
+outbound only). SAs live in this process and go with it (`stop(keep_sas=True)` cannot keep them).
 """
 from __future__ import annotations
 
@@ -116,7 +114,8 @@ class UserspaceDataplane:
         self._reassembler = packet.Reassembler()
         self._rules_installed = False
         self._spi_reserved: dict[int, None] = {}  # insertion-ordered, bounded
-        self._inbound = NftInbound(ifname)
+        self._inbound = NftInbound(ifname, (500, 4500, udp_port))
+        self._sa_in_nets: list[IPNetwork] = []
         self.inbound_block = False  # nftables drops clear packets from blocked sources
         self._blocked_in: list[IPNetwork] = []
 
@@ -431,6 +430,7 @@ class UserspaceDataplane:
                 self._sa_nets.append(sa)
             self._sa_routes[net] += 1
             await self._sync_route(net)
+        await self._sync_inbound_sas()
         for dst in list(self._held):
             if any(ts.start <= dst <= ts.end for ts in sa.ts_remote if ts.version == dst.version):
                 self._acquiring.pop(dst, None)
@@ -443,6 +443,15 @@ class UserspaceDataplane:
             self._remove_sa(sa)
         while self._dirty:
             await self._sync_route(self._dirty.pop())
+        await self._sync_inbound_sas()
+
+    async def _sync_inbound_sas(self) -> None:
+        """Peers with an SA send nothing in the clear to us any more (XFRM `in` policy)."""
+        nets = sorted(self._sa_routes, key=lambda n: (n.version, n))
+        if nets != self._sa_in_nets:
+            self._sa_in_nets = nets
+            if self.inbound_block:
+                await self._inbound.apply(nets, "sa")
 
     def _remove_sa(self, sa: ChildSa) -> None:
         """Forget `sa` now; its routes are re-synced by the caller or the timer loop."""
@@ -690,8 +699,10 @@ class UserspaceDataplane:
         while True:
             self._wake.clear()
             nxt = self.poll(self.clock())
-            while self._dirty:
-                await self._sync_route(self._dirty.pop())
+            if self._dirty:
+                while self._dirty:
+                    await self._sync_route(self._dirty.pop())
+                await self._sync_inbound_sas()
             timeout = None if nxt is None else max(0.0, nxt - self.clock())
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout)

@@ -1,8 +1,11 @@
-"""Inbound half of `block` for the userspace dataplane (XFRM's block policy has an `in` direction
-too; routes only steer what this host sends). Clear packets from a blocked source are dropped by
-one nftables table of our own, `inet oe_agent_<ifname>`, whose sets hold exactly the addresses
-whose longest-prefix group is `block` (product.md §2: a longer pass or trap inside a blocked
-prefix wins). Packets that come out of oe0 (decrypted ESP) are not filtered.
+"""The inbound half of policy for the userspace dataplane (routes only steer what this host
+sends; XFRM also has `in` policies). One nftables table of our own, `inet oe_agent_<ifname>`:
+- block: clear packets from a source whose longest-prefix group is `block` are dropped
+  (product.md §2: a longer pass or trap inside a blocked prefix wins), as XFRM's block policy;
+- Child SAs: clear packets from a peer (its remote traffic selectors) that has an SA are dropped,
+  as XFRM's `in` policy with an ESP template does; IKE (UDP 500/4500), ESP, neighbour
+  discovery and ICMP errors still pass.
+Packets that come out of oe0 (decrypted ESP) are not filtered.
 
 Needs the `nft` tool; without it the dataplane still blocks what it sends and says so.
 """
@@ -43,8 +46,9 @@ def effective_block(policies: Iterable[tuple[IPNetwork, str]]) -> list[IPNetwork
 class NftInbound:
     """Our nftables table: created by `start`, refreshed by `apply`, removed by `stop`."""
 
-    def __init__(self, ifname: str):
+    def __init__(self, ifname: str, ike_ports: Iterable[int] = (500, 4500)):
         self.table = f"oe_agent_{ifname}"
+        self.ike_ports = sorted(set(ike_ports))
         self.ifname = ifname
         self.available = shutil.which("nft") is not None
         self.error = "" if self.available else "nft not found"
@@ -64,24 +68,38 @@ class NftInbound:
             f"table inet {self.table} {{\n"
             f"  set block4 {{ type ipv4_addr; flags interval; }}\n"
             f"  set block6 {{ type ipv6_addr; flags interval; }}\n"
+            f"  set sa4 {{ type ipv4_addr; flags interval; }}\n"
+            f"  set sa6 {{ type ipv6_addr; flags interval; }}\n"
             f"  chain input {{\n"
             f"    type filter hook input priority filter - 10; policy accept;\n"
             f"    iifname \"{self.ifname}\" accept\n"
             f"    ip saddr @block4 counter drop\n"
             f"    ip6 saddr @block6 counter drop\n"
+            f"    meta l4proto esp accept\n"
+            # neighbour discovery and the ICMP errors path MTU discovery of ESP itself needs
+            f"    icmpv6 type {{ nd-router-solicit, nd-router-advert, nd-neighbor-solicit, "
+            f"nd-neighbor-advert, nd-redirect, packet-too-big, destination-unreachable, "
+            f"time-exceeded }} accept\n"
+            f"    icmp type {{ destination-unreachable, time-exceeded }} accept\n"
+            f"    udp dport {{ {', '.join(map(str, self.ike_ports))} }} accept\n"
+            f"    ip saddr @sa4 counter drop\n"
+            f"    ip6 saddr @sa6 counter drop\n"
             f"  }}\n"
             f"}}\n")
         if rc != 0:
             self.available, self.error = False, err or f"nft exited {rc}"
         return self.available
 
-    async def apply(self, nets: list[IPNetwork]) -> None:
-        """Make the sets hold exactly `nets` (one nft transaction)."""
+    async def apply(self, nets: list[IPNetwork], kind: str = "block") -> None:
+        """Make the `kind` ("block" or "sa") sets hold exactly `nets` (one nft transaction)."""
         if not self.available:
             return
-        lines = [f"flush set inet {self.table} block4", f"flush set inet {self.table} block6"]
-        for v, name in ((4, "block4"), (6, "block6")):
-            elems = [str(n) for n in nets if n.version == v]
+        lines = []
+        for v in (4, 6):
+            name = f"{kind}{v}"
+            lines.append(f"flush set inet {self.table} {name}")
+            elems = [str(n) for n in ipaddress.collapse_addresses(
+                [n for n in nets if n.version == v])] if any(n.version == v for n in nets) else []
             if elems:
                 lines.append(f"add element inet {self.table} {name} {{ {', '.join(elems)} }}")
         rc, err = await self._nft("\n".join(lines) + "\n")
