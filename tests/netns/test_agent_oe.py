@@ -195,7 +195,9 @@ def run_case(hosts, dataplane, g1, g2, published, expect, v6=False, extra=""):
         traffic = lab.ctl(a, "trafficstatus")
         assert "authenticated (DNSSEC key)" in traffic, traffic
     elif expect == "clear":
-        assert answers >= 2 and plain > 0 and esp == 0, detail
+        assert answers >= 2 and plain > 0, detail
+        if published:  # a responder without a published key may send ESP once before the
+            assert esp == 0, detail  # initiator's AUTHENTICATION_FAILED tears its SA down
     else:
         assert answers == 0, detail
         if g1 == "private":
@@ -216,19 +218,22 @@ def test_ipv6_encrypted_userspace(hosts):
     run_case(hosts, "userspace", "private-or-clear", "clear-or-private", True, "encrypted", v6=True)
 
 
-def test_failure_shunt_visible_and_restores_trap(hosts):
-    """No key published, private-or-clear: a pass shunt with the no-key reason (its long
-    lifetime shortened here), visible in shuntstatus; expiry brings the trap back."""
-    lab = OeLab(hosts, "userspace", "[shunts.lifetimes]\nno_key = 3\n")
-    a, b = lab.build([("private-or-clear", True), ("clear-or-private", False)])
+def test_failure_shunt_visible_backs_off_and_restores_trap(hosts):
+    """A silent peer (its group does not answer IKE), private-or-clear: a pass shunt with the
+    silent reason (short lifetimes here), visible in shuntstatus; expiry brings the trap back;
+    the next failure waits twice as long."""
+    lab = OeLab(hosts, "userspace", "[shunts.lifetimes]\nsilent = 10\nsilent_max = 40\n")
+    a, b = lab.build([("private-or-clear", True), ("clear", True)])
     lab.start(a, b)
-    assert lab.probe(a, b, "CANARYSHUNT") >= 1
+    assert lab.probe(a, b, "CANARYSHUNT") >= 1  # clear after the failure
     sh = lab.ctl(a, "shuntstatus")
-    assert sh.startswith(f"{b.v4}: pass (no-key"), sh
-    poll(lambda: lab.ctl(a, "shuntstatus") == "", "the shunt to expire", 30)
+    assert sh.startswith(f"{b.v4}: pass (silent"), sh
+    first = json.loads(lab.ctl(a, "explain", b.v4, "--json"))["shunt"]["lifetime"]
+    poll(lambda: lab.ctl(a, "shuntstatus") == "", "the shunt to expire", 40)
     ex = json.loads(lab.ctl(a, "explain", b.v4, "--json"))
     assert ex["state"] == "trap" and ex["shunt"] is None
     assert any("expired" in h["event"] for h in ex["history"]), ex
-    # the next packet negotiates again (a fresh DNS answer, the same outcome)
+    # the next packet negotiates again; the peer is still silent: the shunt doubles
     assert lab.probe(a, b, "CANARYAGAIN") >= 1
-    assert lab.ctl(a, "shuntstatus").startswith(f"{b.v4}: pass (no-key")
+    second = json.loads(lab.ctl(a, "explain", b.v4, "--json"))["shunt"]
+    assert second["reason"] == "silent" and second["lifetime"] > first, (first, second)
