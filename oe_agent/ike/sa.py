@@ -21,10 +21,11 @@ from functools import lru_cache
 from typing import Any, Callable
 
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from oe_agent.ike import auth as ikeauth
 from oe_agent.ike.child import ChildSa, ChildState, build_params, narrow, within
-from oe_agent.ike.const import (NAT_T_PORT, NON_ESP_MARKER, DhId, ExchangeType, IKE_PORT,
+from oe_agent.ike.const import (NAT_T_PORT, NON_ESP_MARKER, ExchangeType, IKE_PORT,
                                 NotifyType, ProtocolId, TransformType)
 from oe_agent.ike.crypto import (IkeCipher, IkeKeys, KeyExchangeMethod, Prf, Rng,
                                  derive_ike_keys, key_exchange, prf_for, skeyseed,
@@ -101,6 +102,11 @@ class IkeConfig:
                                             ikeauth.PskCredential, ikeauth.NullCredential)):
             raise ValueError(f"credential must be an auth.*Credential, not "
                              f"{type(self.credential).__name__}")
+        if isinstance(self.credential, ikeauth.SignatureCredential) and not isinstance(
+                self.credential.key, (ed25519.Ed25519PrivateKey, rsa.RSAPrivateKey,
+                                      ec.EllipticCurvePrivateKey)):
+            raise ValueError(f"unsupported host key type {type(self.credential.key).__name__} "
+                             "(Ed25519, RSA or ECDSA)")
         if not hasattr(self.local_id, "id_type") or not hasattr(self.local_id, "data"):
             raise ValueError("local_id must be an IdInitiator/IdResponder value")
         if self.retransmit_tries < 1 or self.retransmit_timeout <= 0:
@@ -246,6 +252,8 @@ class IkeSa:
         self._ike_candidate: _Keyset | None = None  # peer's IKE rekey during ours (§2.8.2)
         self.last_error: str = ""
         self._first_ni = b""
+        self._last_ctx: dict = {}  # the request a response answers (set before dispatch)
+        self._auth_ctx: dict = {}  # our IKE_AUTH's Child SA offer
 
     # ------------------------------------------------------------------ public API
     @property
@@ -624,8 +632,6 @@ class IkeSa:
                 self._emit(NegotiationFailed(_reason(e.notify_type), str(e), e.notify_type,
                                              child=True))
             raise
-        except ikeauth.AuthError as e:
-            raise AssertionError("auth errors are handled in the handlers") from e
         if self.state != IkeState.CLOSED:
             self.state = result if result is not None else nxt
 
@@ -776,9 +782,8 @@ class IkeSa:
         if self.config.mode == Mode.TRANSPORT:
             payloads.append(Notify(NotifyType.USE_TRANSPORT_MODE))
         payloads += [SecurityAssociation(offer), TsInitiator(ts_i), TsResponder(ts_r)]
-        self._request(ks, ExchangeType.IKE_AUTH, payloads, "auth",
-                      {"spi": spi, "offer": offer, "ts": (ts_i, ts_r)}, now)
         self._auth_ctx = {"spi": spi, "offer": offer, "ts": (ts_i, ts_r)}
+        self._request(ks, ExchangeType.IKE_AUTH, payloads, "auth", self._auth_ctx, now)
 
     def _needs_keys(self, method: int) -> bool:
         if method == ikeauth.AuthMethod.SHARED_KEY_MIC:
@@ -963,13 +968,10 @@ class IkeSa:
         self.children[child.spi_in] = child
         self._emit(ChildSaEstablished(child.params, initiator))
 
-    def _child_offer(self) -> tuple[Proposal, ...]:
-        return self.config.esp_offer()
-
     def _send_create_child(self, now: float, rekey: ChildSa | None = None, ts=None) -> None:
         spi = self._new_child_spi()
         ni = self._rng(NONCE_LEN)
-        offer = with_spi(self._child_offer(), spi.to_bytes(4, "big"))
+        offer = with_spi(self.config.esp_offer(), spi.to_bytes(4, "big"))
         groups = dh_groups(offer)
         dh = key_exchange(groups[0], self._rng) if groups else None
         if rekey is not None:
@@ -1004,7 +1006,7 @@ class IkeSa:
             if old is None or old.state in (ChildState.REKEYED, ChildState.DELETING):
                 raise IkeProtocolError(NotifyType.CHILD_SA_NOT_FOUND, f"no Child SA {spi_out:#x}")
         ke = msg.get(KeyExchange)
-        ours = self._child_offer()
+        ours = self.config.esp_offer()
         if ke is not None:  # the peer wants PFS: allow our IKE groups for it
             ours = tuple(replace(p, transforms=tuple(
                 t for t in p.transforms if t.type != TransformType.DH) + tuple(
@@ -1307,10 +1309,6 @@ class IkeSa:
 
     def _refuse_temporarily(self, ks: _Keyset, msg: Message, now: float):
         raise IkeProtocolError(NotifyType.TEMPORARY_FAILURE, "IKE SA is being deleted")
-
-    # the request a response belongs to (set by _receive before dispatch)
-    _last_ctx: dict = {}
-    _auth_ctx: dict = {}
 
 
 def make_cookie(secret: bytes, ni: bytes, addr: IPAddress, spi_i: bytes) -> bytes:
