@@ -781,6 +781,7 @@ class Agent:
         return {"uptime": round(now - self.started, 1),
                 "dataplane": type(self.dataplane).__name__,
                 "esp": bool(self.capabilities and self.capabilities.esp),
+                "detail": self.capabilities.detail if self.capabilities else "",
                 "addresses": [str(a) for a in self.local_addresses],
                 "policies": len(self.kernel_state),
                 "peers": {s.value: states.get(s.value, 0) for s in PeerState},

@@ -74,7 +74,7 @@ def cmd_status(args) -> int:
         _out(json.dumps(st, indent=2))
         return 0
     _out(f"oe-agent up {st['uptime']:.0f}s on {', '.join(st['addresses']) or 'all addresses'}; "
-         f"dataplane {st['dataplane']} ({'kernel ESP' if st['esp'] else 'no kernel ESP'}); "
+         f"dataplane {st['dataplane']} ({st.get('detail') or ('ESP' if st['esp'] else 'no ESP')}); "
          f"{st['policies']} group policies")
     _out("peers: " + ", ".join(f"{k} {v}" for k, v in st["peers"].items())
          + f"; SA pairs {st['sas']}; shunts {st['shunts']}")

@@ -237,3 +237,42 @@ def test_failure_shunt_visible_backs_off_and_restores_trap(hosts):
     assert lab.probe(a, b, "CANARYAGAIN") >= 1
     second = json.loads(lab.ctl(a, "explain", b.v4, "--json"))["shunt"]
     assert second["reason"] == "silent" and second["lifetime"] > first, (first, second)
+
+
+HOLD = ("import socket,sys\n"
+        "fam=socket.AF_INET6 if ':' in sys.argv[2] else socket.AF_INET\n"
+        "s=socket.socket(fam,socket.SOCK_DGRAM); s.bind((sys.argv[1],0)); s.settimeout(20)\n"
+        "s.sendto(b'FIRSTDATAGRAM',(sys.argv[2],7))\n"
+        "try: print(s.recvfrom(99)[0].decode())\n"
+        "except socket.timeout: print('timeout')\n")
+
+
+def test_hold_delivers_the_first_datagram(hosts):
+    """One datagram to a new peer, sent once: it is held while IKE runs and arrives (its echo
+    comes back) once the SA is up."""
+    lab = OeLab(hosts, "userspace")
+    a, b = lab.build([("private-or-clear", True), ("clear-or-private", True)])
+    lab.start(a, b)
+    r = a.run(sys.executable, "-c", HOLD, a.v4, b.v4, timeout=60)
+    assert r.stdout.strip() == "FIRSTDATAGRAM", (r.stdout, lab.ctl(a, "explain", b.v4))
+    assert "authenticated (DNSSEC key)" in lab.ctl(a, "trafficstatus")
+
+
+def test_mutual_initiation_one_sa_pair(hosts):
+    """Both sides trap and send at once: one IKE SA, one Child SA pair on each side."""
+    lab = OeLab(hosts, "userspace")
+    a, b = lab.build([("private-or-clear", True), ("private-or-clear", True)])
+    lab.start(a, b)
+    pa = a.popen(sys.executable, "-c", HOLD, a.v4, b.v4, log="hold_a.log")
+    pb = b.popen(sys.executable, "-c", HOLD, b.v4, a.v4, log="hold_b.log")
+    pa.wait(60)
+    pb.wait(60)
+    assert (a.workdir / "hold_a.log").read_text().strip() == "FIRSTDATAGRAM"
+    assert (b.workdir / "hold_b.log").read_text().strip() == "FIRSTDATAGRAM"
+
+    def settled():
+        ta, tb = lab.ctl(a, "trafficstatus"), lab.ctl(b, "trafficstatus")
+        return len(ta.splitlines()) == 1 and len(tb.splitlines()) == 1 and (ta, tb)
+    ta, tb = poll(settled, "one SA pair on each side", 30)
+    spi_in_a, spi_out_a = ta.split("in=")[1].split()[0], ta.split("out=")[1].split()[0]
+    assert f"in={spi_out_a}" in tb and f"out={spi_in_a}" in tb, (ta, tb)
