@@ -145,13 +145,14 @@ class KernelDataplane:
         self.xfrm: Xfrm | None = None
         self.capabilities: Capabilities | None = None
         self._events: XfrmEventSocket | None = None
-        self._larval_drop_before: str | None = None
+        self._larval_fd: int | None = None  # the namespace's sysctl, opened at start
+        self._larval_drop_before: bytes | None = None
         self._reqids = itertools.count(reqid_base + 1)
         self._groups: dict[tuple, str] = {}  # (dst, proto, port) -> trap|pass|block
         self._pairs: dict[tuple, tuple] = {}  # (local, remote) -> ("shunt", kind) | ("sa", key)
         self._sas: dict[tuple, tuple] = {}  # (local, remote, spi_in) -> (params, policies)
         self._allocated: set[tuple] = set()  # (dst, spi) made larval by ALLOCSPI
-        self._acquire_seq: dict[tuple, int] = {}  # (src, dst) -> last ACQUIRE seq
+        self._acquire_seq: dict[tuple, tuple] = {}  # (src, dst) -> (seq, policy index)
         self._base: list[tuple] = []  # (sel, dir) of the ND bypass policies
         self.resyncs = 0  # times the event socket overflowed and state was re-read
 
@@ -162,8 +163,10 @@ class KernelDataplane:
         self._events = await XfrmEventSocket.open()
         self.xfrm = await Xfrm.open()
         if self.larval_queue:
-            self._larval_drop_before = LARVAL_DROP.read_text().strip()
-            LARVAL_DROP.write_text("0")
+            # kept open: stop() writes to this namespace's value wherever it is called from
+            self._larval_fd = os.open(LARVAL_DROP, os.O_RDWR | os.O_CLOEXEC)
+            self._larval_drop_before = os.pread(self._larval_fd, 32, 0).strip()
+            os.pwrite(self._larval_fd, b"0\n", 0)
         await self.reconcile()
         self.capabilities = await probe(self.xfrm, self.probe_reqid)
         if self.nd_bypass:
@@ -192,10 +195,12 @@ class KernelDataplane:
             for sel, d in self._base:
                 await self.xfrm.del_policy(sel, d)
             self._base.clear()
-            if self._larval_drop_before is not None:
-                LARVAL_DROP.write_text(self._larval_drop_before)
-                self._larval_drop_before = None
+            if self._larval_fd is not None:
+                os.pwrite(self._larval_fd, self._larval_drop_before + b"\n", 0)
         finally:
+            if self._larval_fd is not None:
+                os.close(self._larval_fd)
+                self._larval_fd = None
             self.xfrm.close()
             self.xfrm = None
             if self._events is not None:
@@ -312,6 +317,43 @@ class KernelDataplane:
             action, tmpl = ("block" if kind is ShuntKind.DROP else "allow"), ()
         await self._install(sel, "out", RANK_SHUNT, action, tmpl, Lifetime(hard_s=lifetime_s))
         self._pairs[(local, remote)] = ("shunt", kind)
+        if kind is not ShuntKind.HOLD:  # held packets follow the failure shunt (§3)
+            await self._retire_larval(local, remote)
+            await self.release_held(local, remote)
+
+    async def _retire_larval(self, local: IPAddress, remote: IPAddress) -> None:
+        """The negotiation is over without an SA: remove the ACQUIRE's larval state, or the
+        kernel would treat the pair as "acquire in progress" (no new ACQUIRE) until
+        xfrm_acq_expires, and a restored trap would stay silent. A larval state has SPI 0 and
+        cannot be named by DELSA, so it first gets an SPI through ALLOCSPI with its seq."""
+        seq_index = self._acquire_seq.get((local, remote))
+        if seq_index is None or not seq_index[0]:
+            return
+        try:
+            spi = await self.xfrm.alloc_spi(local, remote, seq=seq_index[0],
+                                            reqid=self.trap_reqid)
+        except XfrmError:
+            return  # already gone
+        await self.xfrm.del_sa(remote, spi)
+
+    async def release_held(self, local: IPAddress, remote: IPAddress) -> bool:
+        """Send the packets the kernel holds for this pair now rather than on its next retry.
+
+        Packets held on a policy's queue are looked up again when that policy is replaced
+        (UPDPOLICY requeues them at once). A hold shunt is replaced by the SA's or the failure
+        shunt's policy anyway; for a group trap that caught the ACQUIRE, the trap is
+        re-installed unchanged. True if a trap was re-installed."""
+        local, remote = _addr(local), _addr(remote)
+        seq_index = self._acquire_seq.pop((local, remote), None)
+        if seq_index is None or not seq_index[1]:
+            return False
+        pol = await self.xfrm.get_policy_by_index(seq_index[1], "out")
+        if (pol is None or not self.own_policy(pol) or pol.lifetime != Lifetime()
+                or pol.priority < self._prio(RANK_GROUP)):
+            return False  # gone, foreign, a shunt (has its own lifetime) or not a group trap
+        await self.xfrm.add_policy(pol.sel, "out", priority=pol.priority, action=pol.action,
+                                   templates=pol.templates, update=True)
+        return True
 
     async def clear_shunt(self, local: IPAddress, remote: IPAddress) -> None:
         """Remove the pair's shunt (not an SA policy that replaced it)."""
@@ -342,7 +384,7 @@ class KernelDataplane:
         if p.mode is Mode.TRANSPORT:
             sel_out = Selector.pair(p.local, p.remote)
             sel_in = sel_out.reversed()
-        seq = self._acquire_seq.get((p.local, p.remote), 0)
+        seq = self._acquire_seq.get((p.local, p.remote), (0, 0))[0]
         out = SaSpec(p.local, p.remote, p.spi_out, p.reqid, p.alg, p.encr_key_out,
                      p.integ_key_out, p.mode, sel_out, enc_out, p.esn, 0, life, seq)
         inb = SaSpec(p.remote, p.local, p.spi_in, p.reqid, p.alg, p.encr_key_in,
@@ -417,7 +459,7 @@ class KernelDataplane:
                 await self.xfrm.del_sa(dst, spi)
             raise
         self._allocated.discard((local, params.spi_in))
-        self._acquire_seq.pop((local, remote), None)
+        await self.release_held(local, remote)
         key = (local, remote, params.spi_in)
         self._sas[key] = (params, pols)
         self._pairs[(local, remote)] = ("sa", key)
@@ -462,7 +504,7 @@ class KernelDataplane:
 
     def _note(self, ev) -> None:
         if isinstance(ev, Acquire):
-            self._acquire_seq[(_addr(ev.src), _addr(ev.dst))] = ev.seq
+            self._acquire_seq[(_addr(ev.src), _addr(ev.dst))] = (ev.seq, ev.policy_index)
         elif isinstance(ev, PolicyExpire) and ev.hard:
             if ev.src.num_addresses == 1 and ev.dst.num_addresses == 1:
                 pair = (ev.src.network_address, ev.dst.network_address)

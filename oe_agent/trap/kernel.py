@@ -428,6 +428,18 @@ class Xfrm:
             raise
         return policy_from(got[0]) if got else None
 
+    async def get_policy_by_index(self, index: int, dir: str) -> Policy | None:
+        """GETPOLICY by the kernel's index (an ACQUIRE's or POLEXPIRE's policy)."""
+        m = xfrm.xfrm_userpolicy_id()
+        m.update({"dir": DIRS[dir], "index": index})
+        try:
+            got = await self.sock.request(m, xfrm.XFRM_MSG_GETPOLICY)
+        except XfrmError as e:
+            if e.errno == errno.ENOENT:
+                return None
+            raise
+        return policy_from(got[0]) if got else None
+
     async def policies(self) -> list[Policy]:
         got = await self.sock.dump(xfrm.xfrm_dump_request(), xfrm.XFRM_MSG_GETPOLICY)
         return [policy_from(m) for m in got if isinstance(m, xfrm.xfrm_userpolicy_info)]
