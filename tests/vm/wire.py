@@ -26,9 +26,10 @@ NAT_T_PORT = 4500
 
 
 @contextmanager
-def in_netns(host: Host):
-    """Run the body in the host's network namespace (sockets made here stay there)."""
-    _netns.pushns(host.name)
+def in_netns(host: Host | str):
+    """Run the body in the host's (or the named) network namespace; sockets made here stay
+    there."""
+    _netns.pushns(host if isinstance(host, str) else host.name)
     try:
         yield
     finally:
@@ -47,9 +48,14 @@ def udp_socket(host: Host, addr: str, port: int = 0) -> socket.socket:
 
 
 def encap_socket(host: Host, addr: str) -> socket.socket:
-    """The UDP 4500 socket the kernel needs to decapsulate ESP-in-UDP (RFC 3948) on receive."""
+    """The UDP 4500 socket on which the kernel decapsulates ESP-in-UDP (RFC 3948). Like an
+    IKE daemon's NAT-T socket it bypasses the policies (the project's socket_bypass): with a
+    host-pair policy the outer UDP packet itself would otherwise fail the inbound check."""
+    from oe_agent.trap.dataplane import socket_bypass
+
     s = udp_socket(host, addr, NAT_T_PORT)
     s.setsockopt(SOL_UDP, UDP_ENCAP, UDP_ENCAP_ESPINUDP)
+    socket_bypass(s)
     return s
 
 
@@ -130,3 +136,84 @@ def xfrm_packets(host: Host, spi: int) -> int:
 def kernel_has_esp() -> bool:
     subprocess.run(["modprobe", "-a", "esp4", "esp6"], capture_output=True)
     return Path("/sys/module/esp4").is_dir() and Path("/sys/module/esp6").is_dir()
+
+
+ETH_P_ALL = 0x0003
+ESP_PROTO, UDP_PROTO = 50, 17
+
+
+@dataclass
+class Frames:
+    """What a raw AF_PACKET socket saw on a veth, both directions (RFC 4303, RFC 3948)."""
+
+    frames: list[bytes]
+
+    @staticmethod
+    def parse(f: bytes) -> tuple[int, int, bytes] | None:
+        """(IP version, IP protocol, IP payload) of an Ethernet frame; None if not IP."""
+        ethertype = int.from_bytes(f[12:14], "big")
+        if ethertype == 0x0800:
+            return 4, f[14 + 9], f[14 + (f[14] & 0x0F) * 4:]
+        if ethertype == 0x86DD:
+            return 6, f[14 + 6], f[14 + 40:]
+        return None
+
+    def esp(self) -> list[tuple[str, int]]:
+        """(kind, spi) per ESP packet: kind 'esp' (IP proto 50) or 'udp' (ESP-in-UDP 4500)."""
+        out = []
+        for f in self.frames:
+            ip = self.parse(f)
+            if ip is None:
+                continue
+            _, proto, payload = ip
+            if proto == ESP_PROTO and len(payload) >= 8:
+                out.append(("esp", int.from_bytes(payload[:4], "big")))
+            elif (proto == UDP_PROTO and len(payload) >= 16
+                  and NAT_T_PORT in (int.from_bytes(payload[0:2], "big"),
+                                     int.from_bytes(payload[2:4], "big"))):
+                spi = int.from_bytes(payload[8:12], "big")
+                if spi:  # zero = non-ESP marker (IKE on 4500)
+                    out.append(("udp", spi))
+        return out
+
+    def plaintext(self, canary: bytes = CANARY) -> list[str]:
+        """The frames that carry the canary in clear, described (empty = none)."""
+        out = []
+        for f in self.frames:
+            if canary in f:
+                ip = self.parse(f)
+                what = f"IPv{ip[0]} proto {ip[1]}" if ip else f"ethertype {f[12:14].hex()}"
+                out.append(f"{what}: {f[:80].hex()}")
+        return out
+
+    def has_plaintext(self, canary: bytes = CANARY) -> bool:
+        return bool(self.plaintext(canary))
+
+
+@contextmanager
+def sniff(hosts: HostFactory, host: Host):
+    """A raw socket on the bridge side of the host's veth for the body's duration; yields
+    Frames, filled at exit. The bridge side is the wire: inside the host, a tunnel-mode packet
+    is seen again after decapsulation (it re-enters through eth0)."""
+    with in_netns(hosts.bridge_ns):
+        s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+    frames = Frames([])
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
+        s.bind((f"p{host.index}", ETH_P_ALL))
+        s.setblocking(False)
+        yield frames
+        time.sleep(0.1)
+        while True:
+            try:
+                frames.frames.append(s.recv(65535))
+            except BlockingIOError:
+                break
+    finally:
+        s.close()
+
+
+def flush_xfrm(*hosts: Host) -> None:
+    """Remove every SA and policy in the test hosts (between tests on shared hosts)."""
+    for h in hosts:
+        sh("ip", "-n", h.name, "-batch", "-", input="xfrm state flush\nxfrm policy flush\n")
