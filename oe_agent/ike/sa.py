@@ -500,10 +500,10 @@ class IkeSa:
     def _retransmit(self, ks: _Keyset, req: _Request, now: float) -> None:
         """Exponential backoff (§2.1); after the last try the peer is given up on."""
         if req.tries >= self.config.retransmit_tries:
-            ks.pending = None
             if ks is not self._ks:
-                self._drop_keyset(ks)
+                self._drop_keyset(ks, now)
                 return
+            ks.pending = None
             if self.state == IkeState.ESTABLISHED or self.state == IkeState.DELETING:
                 self._close(now, "dead-peer" if self.state == IkeState.ESTABLISHED else "local")
             else:
@@ -539,11 +539,22 @@ class IkeSa:
         self._deferred.clear()
         self._deadline = self._keepalive_at = self._rekey_at = None
 
-    def _drop_keyset(self, ks: _Keyset) -> None:
+    def _drop_keyset(self, ks: _Keyset, now: float) -> None:
+        """Forget a deleted generation; Child SA requests still open on it are asked again
+        on the current one (their answers can no longer come)."""
         if ks in self._retired:
             self._retired.remove(ks)
         if ks is self._ike_candidate:
             self._ike_candidate = None
+        open_reqs = ([ks.pending] if ks.pending else []) + list(ks.queue)
+        ks.pending = None
+        ks.queue.clear()
+        if ks is self._ks or self.state != IkeState.ESTABLISHED:
+            return
+        for r in open_reqs:
+            if r.kind in ("child", "delete-child"):
+                ctx = {k: v for k, v in r.ctx.items() if k != "payloads"}
+                self._request(self._ks, r.exchange, r.ctx["payloads"], r.kind, ctx, now)
 
     # ------------------------------------------------------------------ receive path
     def _keyset_for(self, h) -> _Keyset | None:
@@ -1168,7 +1179,7 @@ class IkeSa:
         if ks is not self._ks:
             # we already moved to the peer's new SA (it won and deleted this generation):
             # a new SA from our request is redundant; we made it, we delete it (§2.8.2)
-            self._drop_keyset(ks)
+            self._drop_keyset(ks, now)
             if err is None:
                 new = self._ike_from_answer(ks, msg, ctx)
                 self._retired.append(new)
@@ -1230,7 +1241,7 @@ class IkeSa:
         if msg.exchange == ExchangeType.INFORMATIONAL:
             if any(d.protocol == ProtocolId.IKE for d in msg.all(Delete)):
                 self._respond(ks, msg, [])
-                self._drop_keyset(ks)
+                self._drop_keyset(ks, now)
                 return
             self._respond(ks, msg, [])
             return
@@ -1252,7 +1263,7 @@ class IkeSa:
                 candidate, self._ike_candidate = self._ike_candidate, None
                 self._switch_keyset(candidate, now)
                 if ks.pending is None:
-                    self._drop_keyset(ks)
+                    self._drop_keyset(ks, now)
                 # else: the answer to our own rekey still comes on it (see below)
                 return None
             self._close(now, "peer")
@@ -1296,7 +1307,7 @@ class IkeSa:
             self._close(now, "local")
             return IkeState.CLOSED
         if kind == "delete-retired":
-            self._drop_keyset(ks)
+            self._drop_keyset(ks, now)
             return None
         if kind == "delete-child":
             for spi in ctx["spis"]:
@@ -1339,6 +1350,7 @@ class IkeEndpoint:
         self.demand_cookies: bool | None = None
         self.sas: list[IkeSa] = []
         self._by_spi: dict[bytes, IkeSa] = {}
+        self._spis_of: dict[int, set[bytes]] = {}
         self._half_open: dict[tuple[IPAddress, bytes], IkeSa] = {}
         self._events: deque[tuple[IkeSa, IkeEvent]] = deque()
         self._out: list[Datagram] = []
@@ -1445,8 +1457,13 @@ class IkeEndpoint:
         while (ev := sa.next_event()) is not None:
             self._events.append((sa, ev))
             established = established or isinstance(ev, IkeSaEstablished)
-        for spi in sa.local_spis:
+        spis = sa.local_spis
+        for spi in self._spis_of.get(id(sa), set()) - spis:  # generations rekeyed away
+            if self._by_spi.get(spi) is sa:
+                del self._by_spi[spi]
+        for spi in spis:
             self._by_spi[spi] = sa
+        self._spis_of[id(sa)] = spis
         if established:
             self._settle_duplicate(sa, now)
         if sa.state == IkeState.CLOSED:
@@ -1469,7 +1486,8 @@ class IkeEndpoint:
     def _forget(self, sa: IkeSa) -> None:
         if sa in self.sas:
             self.sas.remove(sa)
-        for k in [k for k, v in self._by_spi.items() if v is sa]:
-            del self._by_spi[k]
+        for k in self._spis_of.pop(id(sa), set()):
+            if self._by_spi.get(k) is sa:
+                del self._by_spi[k]
         for k in [k for k, v in self._half_open.items() if v is sa]:
             del self._half_open[k]

@@ -131,3 +131,21 @@ def test_integrity_failure_is_silent():
     assert sa.datagrams_to_send(p.now) == []
     assert "INVALID_SYNTAX" in sa.last_error or "integrity" in sa.last_error
 
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.lists(datagrams, min_size=1, max_size=6), cookies=st.booleans())
+def test_endpoint_survives_garbage(data, cookies):
+    """The endpoint in front of the SAs: new IKE_SA_INIT, routing by SPI, COOKIE checks."""
+    from oe_agent.ike.sa import IkeEndpoint
+    from tests.unit.test_ike_sa_pair import seeded
+
+    cfg = config(KR, KI.public_key(), B)
+    ep = IkeEndpoint(seeded(9), lambda local, remote: cfg, cookie_threshold=0 if cookies else None)
+    for d in data:
+        ep.receive_datagram(d, (B, 500), (A, 500), 1000.0)
+        ep.handle_timer(1001.0)
+        ep.datagrams_to_send(1001.0)
+        while ep.next_event() is not None:
+            pass
+    assert len(ep.sas) <= len(data)
