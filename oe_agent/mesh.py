@@ -114,10 +114,12 @@ def _probe_main(src: str, dst: str, canary: str, wait: float, steady: int) -> No
     ok = 0
     if first is not None:
         for i in range(steady):
-            s.sendto(f"{canary}:s{i}".encode(), (dst, ECHO_PORT))
-            try:
-                data, _ = s.recvfrom(65535)
-                ok += data == f"{canary}:s{i}".encode()
+            want = f"{canary}:s{i}".encode()
+            s.sendto(want, (dst, ECHO_PORT))
+            try:  # held replies of earlier probes may come first: read past them
+                while s.recvfrom(65535)[0] != want:
+                    pass
+                ok += 1
             except socket.timeout:
                 pass
     print(json.dumps({"setup": first, "sent": n, "steady_ok": ok, "steady": steady}), flush=True)

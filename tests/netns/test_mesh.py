@@ -7,7 +7,8 @@ from oe_agent.lab import sh
 
 
 def _namespaces() -> set[str]:
-    return set(sh("ip", "netns", "list").stdout.split())
+    """The demo's own namespaces (other tests may run beside it)."""
+    return {n for n in sh("ip", "netns", "list").stdout.split() if n.startswith("oemesh")}
 
 
 def test_mesh_bad_input_refused_before_anything_is_created():
