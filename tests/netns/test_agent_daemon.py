@@ -64,7 +64,10 @@ def state(host, dataplane):
     """What the dataplane holds, as comparable lines."""
     if dataplane == "kernel":
         out = host.run("ip", "xfrm", "policy", "list").stdout
-        return {" ".join(l.split()) for l in out.splitlines() if l.startswith("src ")}
+        blocks = re.split(r"\n(?=src )", out.strip()) if out.strip() else []
+        # per-socket policies (the IKE sockets' bypass) live and die with the process
+        return {" ".join(b.splitlines()[0].split()) + " " + " ".join(b.split()[4:8])
+                for b in blocks if "\tsocket " not in b and " socket " not in b}
     out = host.run("ip", "route", "show", "table", TABLE, check=False).stdout
     out6 = host.run("ip", "-6", "route", "show", "table", TABLE, check=False).stdout
     return {" ".join(l.split()[:3]) for l in (out + out6).splitlines() if l.strip()}
@@ -176,3 +179,34 @@ def test_second_daemon_on_the_same_socket_is_refused(hosts):
         assert oe("status", "--socket", str(sock), check=False).returncode == 0  # first one fine
     finally:
         h.stop(p, signal.SIGTERM, wait=20)
+
+
+def test_crash_leaves_state_that_the_next_start_reconciles(hosts):
+    """SIGKILL leaves the kernel dataplane's policies behind; the next start removes them
+    (they carry the agent's priority band) before installing its own, and a clean stop after
+    that leaves nothing."""
+    needs(kernel_dataplane_present(), "the kernel dataplane (oe_agent.trap.dataplane)")
+    h = hosts.add()
+    pol = h.workdir / "policies"
+    write_policies(pol, private="192.0.2.0/24\n", block="203.0.113.0/24\n")
+    sock = h.workdir / "ctl.sock"
+    key = write_key(h.workdir / "hostkey.pem")
+    cfg = h.workdir / "oe.toml"
+    cfg.write_text(f'[agent]\npolicies = "{pol}"\nsocket = "{sock}"\ndataplane = "kernel"\n'
+                   f'[identity]\nkey = "{key}"\n')
+    before = state(h, "kernel")
+    p = h.popen(sys.executable, "-m", "oe_agent", "run", "-c", str(cfg), log="run1.log")
+    poll(lambda: oe("status", "--socket", str(sock), check=False).returncode == 0
+         or p.poll() is not None, "first agent")
+    running = state(h, "kernel")
+    h.stop(p, signal.SIGKILL)
+    assert state(h, "kernel") == running != before  # the crash left its policies
+    p = h.popen(sys.executable, "-m", "oe_agent", "run", "-c", str(cfg), log="run2.log")
+    try:
+        poll(lambda: oe("status", "--socket", str(sock), check=False).returncode == 0
+             or p.poll() is not None, "second agent (stale socket replaced)")
+        assert p.poll() is None, (h.workdir / "run2.log").read_text()
+        assert state(h, "kernel") == running  # reconciled: the same policies, no duplicates
+    finally:
+        h.stop(p, signal.SIGTERM, wait=20)
+    assert p.returncode == 0 and state(h, "kernel") == before

@@ -36,7 +36,10 @@ def oe(*argv: str) -> list[str]:
 
 
 class OeLab:
-    """Hosts with agents, one DNS host; groups per host; keys published or not."""
+    """Hosts with agents, one DNS host; groups per host; keys published or not.
+    `bound` scales every wait (the vm tier's guest is many times slower)."""
+
+    bound = 60.0
 
     def __init__(self, hosts, dataplane: str, extra_config: str = ""):
         self.f, self.dataplane, self.extra = hosts, dataplane, extra_config
@@ -79,8 +82,9 @@ class OeLab:
         self.anchors = self.f.workdir / "anchors"
         self.dns.popen(*oe("serve-zones", "--zones", str(zdir), "--listen", DNS_V4, "--listen",
                            DNS_V6, "--port", "53", "--anchors-out", str(self.anchors)), log="dns.log")
-        poll(lambda: self.anchors.exists() and self.anchors.read_text().strip(), "DNS server", 60)
-        dnsfix.wait_port(self.dns, 53, "udp", timeout=30)
+        poll(lambda: self.anchors.exists() and self.anchors.read_text().strip(), "DNS server",
+             self.bound)
+        dnsfix.wait_port(self.dns, 53, "udp", timeout=self.bound)
 
     def config(self, h) -> Path:
         cfg = h.workdir / "oe-agent.toml"
@@ -101,7 +105,7 @@ class OeLab:
                 h.popen(sys.executable, "-c", ECHO, h.v4, h.v6, log="echo.log")
                 h._echo = True
             poll(lambda: sock.exists() or self.agents[h.name].poll() is not None,
-                 f"agent on {h.name}", 60)
+                 f"agent on {h.name}", self.bound)
             assert self.agents[h.name].poll() is None, self.log(h)
 
     def stop(self, h, sig=signal.SIGTERM):
@@ -114,7 +118,7 @@ class OeLab:
 
     def ctl(self, h, *argv) -> str:
         r = subprocess.run(oe(*argv, "--socket", str(h.workdir / "ctl.sock")),
-                           capture_output=True, text=True, timeout=60)
+                           capture_output=True, text=True, timeout=self.bound)
         assert r.returncode == 0, r.stderr
         return r.stdout
 
