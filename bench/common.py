@@ -141,3 +141,37 @@ def run_main(name: str, fn) -> int:
     except KeyboardInterrupt:
         print(f"{name}: interrupted; namespaces and processes removed", file=sys.stderr)
         return 130
+
+
+# --- in-process IKE: real IkeSa pairs over memory -------------------------------------------
+
+def engine_config(key, peer_public, local: str, **kw):
+    """An IkeConfig for one side of an in-process pair (static peer key, address ID)."""
+    from oe_agent.ike import auth as ikeauth
+    from oe_agent.ike.payloads import IdInitiator
+    from oe_agent.ike.sa import IkeConfig
+    return IkeConfig(local_id=IdInitiator.from_address(local),
+                     credential=ikeauth.SignatureCredential(key),
+                     peer_keys=(peer_public,), **kw)
+
+
+def shuttle(endpoints: dict, now: float, limit: int = 100) -> list:
+    """Deliver datagrams between in-memory IkeEndpoints (keyed by address) until quiet;
+    returns every (endpoint address, sa, event) seen."""
+    import ipaddress
+    events = []
+    for _ in range(limit):
+        moved = False
+        for addr, ep in list(endpoints.items()):
+            for d in ep.datagrams_to_send(now):
+                dst = endpoints.get(ipaddress.ip_address(d.remote))
+                if dst is None:
+                    continue
+                moved = True
+                dst.receive_datagram(d.data, (d.remote, d.remote_port),
+                                     (d.local, d.local_port), now)
+            while (item := ep.next_event()) is not None:
+                events.append((addr, *item))
+        if not moved:
+            return events
+    raise RuntimeError("in-process IKE did not settle")
