@@ -19,6 +19,7 @@ import itertools
 import logging
 import random
 import time
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Protocol
 
@@ -77,6 +78,7 @@ class ChildUp:
     params: ChildSaParams
     ike_id: Any = None
     auth: str = "pubkey"  # pubkey | psk | null
+    initiator: bool = True  # we started the exchange that made it (rekeys first)
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,7 @@ class ChildRekeyed:
     params: ChildSaParams
     old_spi_in: int
     ike_id: Any = None
+    initiator: bool = True
 
 
 @dataclass(frozen=True)
@@ -534,7 +537,7 @@ class Agent:
         self.shunts.count_packet(p.remote)
 
     async def _do_install(self, p: Peer, ev: ChildUp, prev):
-        params = ev.params  # reqid 0: the dataplane takes one from its own band
+        params = self._soft_lifetime(ev)  # reqid 0: the dataplane takes one from its band
         await self.dataplane.add_child_sa(params)
         if p.remote in self.shunts:
             self.shunts.remove(p.remote)
@@ -557,7 +560,7 @@ class Agent:
         A second IKE SA's Child SA (crossing initiations, or a restarted peer) is installed
         beside the old one; the old goes when its IKE SA is deleted (the engine's tie-break,
         the peer's Delete, or liveness)."""
-        params = ev.params
+        params = self._soft_lifetime(ev)
         await self.dataplane.add_child_sa(params)
         p.children[params.spi_in] = params
         p.child_ike[params.spi_in] = ev.ike_id
@@ -633,6 +636,17 @@ class Agent:
             await self.dataplane.del_child_sa(c)
         except Exception as e:  # already gone (hard expire) is fine
             log.debug("del_child_sa %08x: %s", c.spi_in, e)
+
+    def _soft_lifetime(self, ev: ChildUp | ChildRekeyed) -> ChildSaParams:
+        """Soft expiry (the rekey trigger) `ike.rekey_margin` before the hard lifetime; the
+        side that did not start the exchange waits half the margin longer, so the two sides
+        rarely rekey at once (RFC 7296 §2.8.1 collisions stay the exception)."""
+        p = ev.params
+        if not p.lifetime_hard_s:
+            return p
+        margin = self.config.rekey_margin if ev.initiator else self.config.rekey_margin // 2
+        soft = max(1, p.lifetime_hard_s - margin)
+        return dataclasses.replace(p, lifetime_soft_s=min(soft, p.lifetime_hard_s - 1) or 1)
 
     def _negotiation_kind(self, p: Peer) -> ShuntKind:
         g = p.group.group if p.group else ""

@@ -175,9 +175,10 @@ class IkeLinkAdapter:
         if isinstance(e, ev.PeerKeyNeeded):
             return [KeyNeeded(r, ike_id=sa, peer_id=str(e.peer_id))]
         if isinstance(e, ev.ChildSaEstablished):
-            return [ChildUp(r, e.params, ike_id=sa, auth=_AUTH.get(sa.peer_auth, "pubkey"))]
+            return [ChildUp(r, e.params, ike_id=sa, auth=_AUTH.get(sa.peer_auth, "pubkey"),
+                            initiator=e.initiator)]
         if isinstance(e, ev.ChildSaRekeyed):
-            return [ChildRekeyed(r, e.new, e.old.spi_in, ike_id=sa)]
+            return [ChildRekeyed(r, e.new, e.old.spi_in, ike_id=sa, initiator=sa.initiated)]
         if isinstance(e, ev.ChildSaDeleted):
             if e.reason == "rekey-collision":
                 return []  # the redundant SA of a collision never reached the core

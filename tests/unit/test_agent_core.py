@@ -441,3 +441,13 @@ async def test_run_loop_handles_posts_and_control_requests():
         await agent.request("nope")
     await agent.stop()
     await asyncio.wait_for(task, 5)
+
+
+@pytest.mark.parametrize("initiator, soft", [(True, 3600 - 540), (False, 3600 - 270)])
+async def test_soft_lifetime_is_the_rekey_margin_before_hard(initiator, soft):
+    import dataclasses
+    agent, dp, ike, res, clock, _ = await started(answers={rev(POC): Answer("secure-key", (a_key(),))})
+    await acquire(agent, POC)
+    params = dataclasses.replace(child(POC), lifetime_soft_s=3240, lifetime_hard_s=3600)
+    await agent.handle(ChildUp(POC, params, ike_id=1, initiator=initiator))
+    assert dp.sas[0x100].lifetime_soft_s == soft and dp.sas[0x100].lifetime_hard_s == 3600
