@@ -34,6 +34,7 @@ Public API (stable; other parts and the vm tier use it):
     caps = await run_probe()               # probe only: EPROTONOSUPPORT = no ESP,
                                            #   ENOSYS = algorithm missing, ok = works
     socket_bypass(sock)                    # IKE/DNS sockets skip XFRM policies
+    enable_espinudp(sock)                  # the 4500 socket decapsulates ESP-in-UDP (RFC 3948)
 
 Errors: XfrmError (an OSError: .errno, .ext_ack = the kernel's message); PolicyConflict when a
 foreign policy holds a selector; ValueError for bad keys/selectors.
@@ -41,8 +42,8 @@ Wire level: oe_agent.trap.xfrm (structs/messages), oe_agent.trap.netlink (XfrmSo
 XfrmEventSocket). `python -m oe_agent.trap` prints the probe result of this namespace.
 """
 from oe_agent.trap.dataplane import (DEFAULT_PRIORITY_BASE, DEFAULT_REQID_BASE,
-                                     KernelDataplane, PolicyConflict, probe, run_probe,
-                                     socket_bypass)
+                                     KernelDataplane, PolicyConflict, enable_espinudp, probe,
+                                     run_probe, socket_bypass)
 from oe_agent.trap.kernel import (KernelAcquire, KernelPolicyExpire, Lifetime, Policy, Sa,
                                   SaSpec, Selector, Template, Xfrm)
 from oe_agent.trap.netlink import EventsLost, XfrmError, XfrmEventSocket, XfrmSocket
@@ -51,5 +52,5 @@ __all__ = [
     "DEFAULT_PRIORITY_BASE", "DEFAULT_REQID_BASE", "EventsLost", "KernelAcquire",
     "KernelDataplane", "KernelPolicyExpire", "Lifetime", "Policy", "PolicyConflict", "Sa",
     "SaSpec", "Selector", "Template", "Xfrm", "XfrmError", "XfrmEventSocket", "XfrmSocket",
-    "probe", "run_probe", "socket_bypass",
+    "enable_espinudp", "probe", "run_probe", "socket_bypass",
 ]

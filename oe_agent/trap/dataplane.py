@@ -47,6 +47,7 @@ REQID_COUNT = 0x10000
 PRIORITY_COUNT = 0x400
 RANK_ND, RANK_SA, RANK_SHUNT, RANK_GROUP = 0, 16, 32, 256
 LARVAL_DROP = Path("/proc/sys/net/core/xfrm_larval_drop")
+UDP_ENCAP = 100  # linux/udp.h socket option
 ICMPV6, ND_TYPES = 58, (135, 136)  # neighbour solicitation / advertisement (RFC 4861)
 PROBE_ALGORITHMS = (
     (EspAlgorithm("aes-gcm-16", 128), 20, 0),
@@ -120,6 +121,13 @@ def socket_bypass(sock: socket.socket) -> None:
                 if required:
                     raise
                 # v4-mapped traffic on a v6-only socket: nothing to bypass
+
+
+def enable_espinudp(sock: socket.socket) -> None:
+    """Make a UDP socket (the IKE NAT-T socket on 4500) hand ESP-in-UDP to the kernel
+    (UDP_ENCAP_ESPINUDP, RFC 3948): without it, encapsulated ESP is not decrypted on receive.
+    Non-ESP packets (marker 0, IKE) still reach the socket."""
+    sock.setsockopt(socket.IPPROTO_UDP, UDP_ENCAP, xfrm.UDP_ENCAP_ESPINUDP)
 
 
 def _addr(a) -> IPAddress:

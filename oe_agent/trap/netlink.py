@@ -197,13 +197,15 @@ class XfrmSocket:
 
 
 class XfrmEventSocket:
-    """The kernel's XFRM multicast: ACQUIRE (group 1) and EXPIRE/POLEXPIRE (group 2)."""
+    """The kernel's XFRM multicast: ACQUIRE (group 1) and EXPIRE/POLEXPIRE (group 2).
+    One consumer at a time calls next()."""
 
     GROUPS = (xfrm.XFRMNLGRP_ACQUIRE, xfrm.XFRMNLGRP_EXPIRE)
 
     def __init__(self) -> None:
         self._sock: socket.socket | None = None
         self._backlog: list[nlmsg] = []
+        self._waiter: asyncio.Future | None = None
 
     @classmethod
     async def open(cls, groups=GROUPS) -> "XfrmEventSocket":
@@ -215,6 +217,10 @@ class XfrmEventSocket:
         return self
 
     def close(self) -> None:
+        """Close; a consumer waiting in next() gets ConnectionError instead of hanging."""
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.get_loop().remove_reader(self._sock.fileno())
+            self._waiter.set_exception(ConnectionError("XFRM event socket closed"))
         if self._sock is not None:
             self._sock.close()
             self._sock = None
@@ -234,13 +240,15 @@ class XfrmEventSocket:
             try:
                 data = self._sock.recv(1 << 16)
             except BlockingIOError:
-                ready = loop.create_future()
+                ready = self._waiter = loop.create_future()
                 fd = self._sock.fileno()
                 loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
                 try:
                     await ready
                 finally:
-                    loop.remove_reader(fd)
+                    self._waiter = None
+                    if self._sock is not None:
+                        loop.remove_reader(fd)
                 continue
             except OSError as e:
                 if e.errno == errno_mod.ENOBUFS:

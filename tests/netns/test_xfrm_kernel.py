@@ -93,6 +93,19 @@ async def main():
         nonlocal consumer
         consumer = asyncio.create_task(consume())
 
+    async def op_send_bypassed(dst, port, payload):
+        from oe_agent.trap import enable_espinudp, socket_bypass
+        s = socket.socket(socket.AF_INET6 if ":" in dst else socket.AF_INET, socket.SOCK_DGRAM)
+        socket_bypass(s)
+        enable_espinudp(s)
+        s.sendto(payload.encode(), (dst, port))
+        s.close()
+
+    async def op_stop_ends_events():
+        await dp.stop()
+        await asyncio.wait_for(consumer, 5)
+        return consumer.done()
+
     async def op_resyncs():
         return dp.resyncs
 
@@ -113,7 +126,7 @@ async def main():
         except Exception as e:
             res = {"error": type(e).__name__, "msg": str(e)}
         print(json.dumps(res), flush=True)
-        if req["op"] == "stop":
+        if req["op"] in ("stop", "stop_ends_events"):
             break
 
 asyncio.run(main())
@@ -458,3 +471,20 @@ def test_held_packets_follow_the_failure_shunt(hosts, agent_in):
     ag.ok("send_udp", [b.v4], port=7001, payload="third")
     again = ag.event()
     assert again["type"] == "KernelAcquire" and again["seq"] != acq["seq"]
+
+
+def test_bypassed_socket_skips_the_trap_and_stop_ends_events(hosts, agent_in):
+    """IKE/DNS sockets carry a per-socket allow policy, so they reach a trapped peer; stop()
+    ends the event stream instead of leaving its consumer waiting."""
+    a, b = hosts.pair()
+    ag = agent_in(a)
+    ag.ok("set_trap", f"{b.v4}/32")
+    listener = _collector(b, 7002, 20)
+    ag.ok("send_bypassed", b.v4, 7002, "ike")
+    assert _received(listener, {"ike"}) == {"ike"}
+    ag.ok("send_udp", [b.v4], port=7002, payload="trapped")
+    assert ag.event()["type"] == "KernelAcquire"
+    assert _received(listener, {"trapped"}, bound=1.0) == set()
+    assert ag.ok("stop_ends_events") is True
+    ag.proc.wait(10)
+    assert xfrm_text(a, "policy").strip() == ""
