@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 UNAUTHENTICATED = "unauthenticated"  # the marker supply_peer_keys takes for AUTH_NULL (RFC 7619)
 HISTORY = 32                         # negotiation history lines kept per peer
+MAX_PEERS = 4096                     # idle peer records kept for `explain` (memory bound)
 
 
 # --- what the IKE side is asked to do, and what it reports -------------------------------
@@ -688,10 +689,21 @@ class Agent:
     def _peer(self, remote: IPAddress) -> Peer:
         p = self.peers.get(remote)
         if p is None:
+            if len(self.peers) >= MAX_PEERS:
+                self._forget_idle_peers()
             p = Peer(remote, static=self.static.get(remote))
             p.group = None if p.static else self.groups.lookup(remote)
             self.peers[remote] = p
         return p
+
+    def _forget_idle_peers(self) -> None:
+        """Drop the oldest quarter of the records of peers with nothing installed (their
+        history only): memory stays bounded however many addresses the host talks to."""
+        idle = [p for p in self.peers.values() if p.state is PeerState.TRAP and not p.children
+                and p.remote not in self.shunts and not p.negotiations and not p.keys_needed]
+        idle.sort(key=lambda p: p.history[-1][0] if p.history else 0.0)
+        for p in idle[:max(1, MAX_PEERS // 4)]:
+            del self.peers[p.remote]
 
     def _local_for(self, remote: IPAddress) -> IPAddress:
         for a in self.local_addresses:

@@ -451,3 +451,15 @@ async def test_soft_lifetime_is_the_rekey_margin_before_hard(initiator, soft):
     params = dataclasses.replace(child(POC), lifetime_soft_s=3240, lifetime_hard_s=3600)
     await agent.handle(ChildUp(POC, params, ike_id=1, initiator=initiator))
     assert dp.sas[0x100].lifetime_soft_s == soft and dp.sas[0x100].lifetime_hard_s == 3600
+
+
+async def test_idle_peer_records_are_bounded(monkeypatch):
+    from oe_agent.agent import core
+    monkeypatch.setattr(core, "MAX_PEERS", 8)
+    agent, dp, ike, res, clock, _ = await started(answers={rev(POC): Answer("secure-key", (a_key(),))})
+    await up(agent, POC)  # one peer with an SA: never forgotten
+    for n in range(40):
+        clock.t += 1
+        await acquire(agent, ipaddress.ip_address(f"203.0.113.{n + 1}"))  # clear-or-private: ignored
+    assert len(agent.peers) <= 8 and agent.peers[POC].state is PeerState.UP
+    assert ipaddress.ip_address("203.0.113.40") in agent.peers  # the newest stay
