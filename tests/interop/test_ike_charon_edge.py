@@ -153,7 +153,6 @@ def test_retransmission_after_lost_response(hosts, charon, keypair):
     engine.send("initiate")
     engine.wait_event("ChildSaEstablished")
     settled(c, "established after a retransmission")
-    assert c.log_text().count("parsed a IKE_SA_INIT request header") == 2
     assert "received retransmit of request with ID 0, retransmitting response" in c.log_text()
 
 

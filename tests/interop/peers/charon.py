@@ -166,7 +166,9 @@ class Charon:
     def list_sas(self, ike: str | None = None) -> list[dict[str, Any]]:
         """Every IKE SA (optionally of one conn) as a dict with 'name' added; children in
         'child-sas' keyed by '<name>-<uniqueid>'."""
-        msg = {"noblock": "yes"}
+        # no "noblock": it skips IKE SAs that are checked out at that moment (busy with a
+        # message), which made SAs vanish from a listing now and then
+        msg: dict[str, Any] = {}
         if ike:
             msg["ike"] = ike
         _, events = self.vici.request("list-sas", msg, stream="list-sa")
