@@ -71,8 +71,10 @@ async def close(a, b, tasks):
     await asyncio.wait_for(asyncio.gather(*tasks), 5)
 
 
-async def until(pred, what):
-    for _ in range(500):
+async def until(pred, what, bound=30.0):
+    """A bounded poll (never a timing assertion: the bound only stops a hang)."""
+    deadline = asyncio.get_running_loop().time() + bound
+    while asyncio.get_running_loop().time() < deadline:
         if pred():
             return
         await asyncio.sleep(0.01)
@@ -280,3 +282,51 @@ async def test_real_udp_sockets_on_loopback():
             await agent.stop()
             agent.ike.stop()
         await asyncio.wait_for(asyncio.gather(*tasks), 5)
+
+
+async def test_ten_agents_initiating_at_once_make_45_sa_pairs():
+    """Every host traps every other and all send at once: crossing initiations everywhere,
+    and in the end exactly one Child SA pair per host pair (45), no duplicates."""
+    n = 10
+    loop = asyncio.get_running_loop()
+    sides = []
+    for i in range(1, n + 1):
+        s = Side(ipaddress.ip_address(f"192.0.2.{i}"), ipaddress.ip_address(f"2001:db8::{i:x}"), POC)
+        sides.append(s)
+    by_addr = {s.addr: s for s in sides}
+    for s in sides:
+        s.link._transport = (lambda dg: loop.call_soon(
+            by_addr[dg.remote].link.receive, dg.data, (dg.remote, dg.remote_port),
+            (dg.local, dg.local_port)))
+        for o in sides:
+            if o is not s:
+                s.publish(o)
+    tasks = []
+    for s in sides:
+        await s.agent.start()
+        await s.link.start()
+        tasks.append(asyncio.create_task(s.agent.run()))
+    try:
+        for s in sides:
+            for o in sides:
+                if o is not s:
+                    s.agent.post(Acquire(src=s.addr, dst=o.addr))
+
+        def settled():
+            return all(len(s.dp.sas) == n - 1 and len(s.link.endpoint.sas) == n - 1
+                       and all(s.state(o.addr) is PeerState.UP for o in sides if o is not s)
+                       for s in sides)
+        await until(settled, "one SA pair per host pair")
+        pairs = set()
+        for s in sides:
+            for sa in s.dp.sas.values():
+                peer = by_addr[sa.remote]
+                (mate,) = [x for x in peer.dp.sas.values() if x.spi_out == sa.spi_in]
+                assert mate.spi_in == sa.spi_out and mate.encr_key_out == sa.encr_key_in
+                pairs.add(frozenset((sa.spi_in, sa.spi_out)))
+        assert len(pairs) == n * (n - 1) // 2 == 45
+    finally:
+        for s in sides:
+            await s.agent.stop()
+            s.link.stop()
+        await asyncio.wait_for(asyncio.gather(*tasks), 10)
