@@ -1243,7 +1243,7 @@ class IkeSa:
                 self._respond(ks, msg, [])
                 self._drop_keyset(ks, now)
                 return
-            self._respond(ks, msg, [])
+            self._on_info_request(ks, msg, now)  # Child SA deletes still apply
             return
         self._respond(ks, msg, [Notify(NotifyType.TEMPORARY_FAILURE)])
 

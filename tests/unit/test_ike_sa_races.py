@@ -115,3 +115,27 @@ def test_mixed_exchanges_any_order(seed, data, what):
     pairs_r = {(c.spi_out, c.spi_in) for c in p.r.children.values()}
     assert pairs_i == pairs_r and pairs_i
     assert _installed(p.events_i) == set(p.i.children)
+
+
+def test_child_delete_on_the_old_ike_generation():
+    """Found by the property above: a Child SA Delete that arrives on an IKE generation the
+    receiver has just rekeyed away still deletes the Child SA."""
+    p = _up(1)
+    p.i.rekey_child(next(iter(p.i.children)), p.now)
+    p.r.rekey(p.now)
+    flight = [(p.i, d) for d in p.pending(p.i)] + [(p.r, d) for d in p.pending(p.r)]
+    for pick in (0, 1, 0, 1, 0, 1, 0, 0):
+        for sa in (p.i, p.r):
+            flight += [(sa, d) for d in p.pending(sa)]
+        if not flight:
+            break
+        sa, d = flight.pop(min(pick, len(flight) - 1))
+        p.deliver(sa, [d])
+        p.collect()
+    p.run()
+    for _ in range(12):
+        if not (p.i._retired or p.r._retired):
+            break
+        p.advance()
+        p.run()
+    _consistent(p)
