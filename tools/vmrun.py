@@ -458,7 +458,9 @@ def _console_tail(rundir: Path, n: int = 30) -> None:
     try:
         lines = (rundir / "console.log").read_text(errors="replace").splitlines()
     except OSError:
-        lines = ["(no console log)"]
+        lines = []
+    if not lines:
+        lines = ["(console empty: the kernel runs with `quiet`; try --append loglevel=7)"]
     for line in lines[-n:]:
         print(f"  | {line}", file=sys.stderr)
 

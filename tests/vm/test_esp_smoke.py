@@ -2,8 +2,6 @@
 `ip xfrm` (not the project's code), so a broken guest is told apart from a broken backend."""
 from __future__ import annotations
 
-import pytest
-
 from tests.vm.wire import CANARY, capture, ping, udp_exchange, xfrm_packets
 
 KEY_AB = "0x" + "11" * 16 + "01020304"  # AES-128 key + 4-byte salt (RFC 4106 §8.1)
@@ -11,10 +9,9 @@ KEY_BA = "0x" + "22" * 16 + "05060708"
 SPI_AB, SPI_BA = 0x1001, 0x2002
 
 
-@pytest.mark.parametrize("ver", [4])
-def test_ip_xfrm_esp_carries_udp_and_icmp(hosts, esp_kernel, ver):
-    a, b = hosts.pair()
-    aa, ba = (a.v4, b.v4) if ver == 4 else (a.v6, b.v6)
+def test_ip_xfrm_esp_carries_udp_and_icmp(pair):
+    hosts, a, b = pair
+    aa, ba = a.v4, b.v4
     for h in (a, b):
         for src, dst, spi, key in ((aa, ba, SPI_AB, KEY_AB), (ba, aa, SPI_BA, KEY_BA)):
             h.run("ip", "xfrm", "state", "add", "src", src, "dst", dst, "proto", "esp",
