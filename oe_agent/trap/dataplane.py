@@ -158,6 +158,7 @@ class KernelDataplane:
         self._reqids = itertools.count(reqid_base + 1)
         self._groups: dict[tuple, str] = {}  # (dst, proto, port) -> trap|pass|block
         self._pairs: dict[tuple, tuple] = {}  # (local, remote) -> ("shunt", kind) | ("sa", key)
+        self._owners: dict[tuple, object] = {}  # (sel, dir) -> "shunt" | SA key: who installed
         self._sas: dict[tuple, tuple] = {}  # (local, remote, spi_in) -> (params, policies)
         self._allocated: set[tuple] = set()  # (dst, spi) made larval by ALLOCSPI
         self._acquire_seq: dict[tuple, tuple] = {}  # (src, dst) -> (seq, policy index)
@@ -325,6 +326,7 @@ class KernelDataplane:
             action, tmpl = ("block" if kind is ShuntKind.DROP else "allow"), ()
         await self._install(sel, "out", RANK_SHUNT, action, tmpl, Lifetime(hard_s=lifetime_s))
         self._pairs[(local, remote)] = ("shunt", kind)
+        self._owners[(sel, "out")] = "shunt"
         if kind is not ShuntKind.HOLD:  # held packets follow the failure shunt (§3)
             await self._retire_larval(local, remote)
             await self.release_held(local, remote)
@@ -366,11 +368,12 @@ class KernelDataplane:
     async def clear_shunt(self, local: IPAddress, remote: IPAddress) -> None:
         """Remove the pair's shunt (not an SA policy that replaced it)."""
         local, remote = _addr(local), _addr(remote)
-        owner = self._pairs.get((local, remote))
-        if owner is not None and owner[0] != "shunt":
-            return
-        self._pairs.pop((local, remote), None)
-        await self._remove(Selector.pair(local, remote), "out")
+        if self._pairs.get((local, remote), ("shunt",))[0] == "shunt":
+            self._pairs.pop((local, remote), None)
+        sel = Selector.pair(local, remote)
+        if self._owners.get((sel, "out"), "shunt") == "shunt":
+            self._owners.pop((sel, "out"), None)
+            await self._remove(sel, "out")
 
     # --- SAs --------------------------------------------------------------------------------
     async def alloc_spi(self, local: IPAddress, remote: IPAddress, seq: int = 0) -> int:
@@ -430,7 +433,12 @@ class KernelDataplane:
         from alloc_spi is filled in (UPDSA); the outbound SA carries the pair's ACQUIRE seq so
         the kernel retires that larval state. On failure nothing of this pair stays."""
         if params.reqid == 0:
-            params = replace(params, reqid=self.new_reqid())
+            # a rekey keeps its pair's reqid (RFC 7296 §2.8: the old SA still receives while
+            # the new one is installed, and an in policy names the reqid it accepts)
+            pols = self._policy_selectors(params)
+            same = [p for p, sels in self._sas.values()
+                    if (p.local, p.remote) == (params.local, params.remote) and sels == pols]
+            params = replace(params, reqid=same[-1].reqid if same else self.new_reqid())
         if not self.own_reqid(params.reqid) or params.reqid in (self.trap_reqid,
                                                                 self.probe_reqid):
             raise ValueError(f"reqid {params.reqid:#x} is outside the agent's band "
@@ -438,8 +446,10 @@ class KernelDataplane:
         local, remote = _addr(params.local), _addr(params.remote)
         inb, out = self._specs(params)
         pols = self._policy_selectors(params)
+        key = (local, remote, params.spi_in)
         done_sas: list[tuple] = []
         done_pols: list[tuple] = []
+        before = {sp: self._owners.get(sp) for sp in pols}
         try:
             if (local, params.spi_in) in self._allocated:
                 try:
@@ -462,13 +472,16 @@ class KernelDataplane:
                 done_pols.append((sel, d))
         except BaseException:
             for sel, d in done_pols:
-                await self._remove(sel, d)
+                if before[(sel, d)] not in self._sas:  # an SA's identical policy stays
+                    await self._remove(sel, d)
+                    self._owners.pop((sel, d), None)
             for dst, spi in done_sas:
                 await self.xfrm.del_sa(dst, spi)
             raise
         self._allocated.discard((local, params.spi_in))
+        for sp in pols:
+            self._owners[sp] = key
         await self.release_held(local, remote)
-        key = (local, remote, params.spi_in)
         self._sas[key] = (params, pols)
         self._pairs[(local, remote)] = ("sa", key)
 
@@ -478,11 +491,12 @@ class KernelDataplane:
         key = (local, remote, params.spi_in)
         entry = self._sas.pop(key, None)
         pols = entry[1] if entry else self._policy_selectors(params)
-        owns_out = entry is None or self._pairs.get((local, remote)) == ("sa", key)
-        for sel, d in pols:
-            if d != "out" or owns_out:  # a shunt set since then keeps its out policy
-                await self._remove(sel, d)
-        if owns_out and self._pairs.get((local, remote), ("",))[0] == "sa":
+        for sp in pols:
+            # policies since taken over (a rekeyed pair, a shunt) belong to their new owner
+            if entry is None or self._owners.get(sp) == key:
+                self._owners.pop(sp, None)
+                await self._remove(*sp)
+        if self._pairs.get((local, remote)) == ("sa", key):
             self._pairs.pop((local, remote), None)
         await self.xfrm.del_sa(local, params.spi_in)
         await self.xfrm.del_sa(remote, params.spi_out)
@@ -518,6 +532,9 @@ class KernelDataplane:
                 pair = (ev.src.network_address, ev.dst.network_address)
                 if self._pairs.get(pair, ("",))[0] == "shunt":
                     self._pairs.pop(pair, None)
+                sel = Selector.pair(*pair)
+                if self._owners.get((sel, "out")) == "shunt":
+                    self._owners.pop((sel, "out"), None)
 
     async def _resync(self) -> list:
         """After lost events: a larval state of ours is an ACQUIRE not yet seen; a shunt or SA

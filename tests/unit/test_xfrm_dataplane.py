@@ -288,3 +288,24 @@ async def test_allocated_spi_is_filled_not_added(dp):
     spi = await dp.alloc_spi(A, B, seq=7)
     await dp.add_child_sa(params(dp, spi_in=spi))
     assert seen == [(spi, True), (0x2002, False)]
+
+
+async def test_rekey_keeps_reqid_and_old_delete_keeps_new_policies(dp):
+    """RFC 7296 §2.8: install the new pair, then delete the old; the old one's removal must not
+    take the policies the new one uses, and both share the reqid the in policy accepts."""
+    old = params(dp, reqid=0)
+    await dp.add_child_sa(old)
+    pols_before = await dp.xfrm.policies()
+    new = params(dp, reqid=0, spi_in=0x3001, spi_out=0x3002)
+    await dp.add_child_sa(new)
+    reqids = {s.spi: s.reqid for s in await dp.xfrm.sas()}
+    assert len(set(reqids.values())) == 1 and set(reqids) == {0x2001, 0x2002, 0x3001, 0x3002}
+    dp.xfrm.fail_sa_spi = 0x4002  # a failed third install leaves the pair as it was
+    with pytest.raises(XfrmError):
+        await dp.add_child_sa(params(dp, reqid=0, spi_in=0x4001, spi_out=0x4002))
+    await dp.del_child_sa(old)
+    assert {s.spi for s in await dp.xfrm.sas()} == {0x3001, 0x3002}
+    assert [(p.sel, p.dir, p.templates) for p in await dp.xfrm.policies()] == [
+        (p.sel, p.dir, p.templates) for p in pols_before]
+    await dp.del_child_sa(new)
+    assert await dp.xfrm.sas() == [] and await dp.xfrm.policies() == []
