@@ -76,12 +76,19 @@ class Charon:
             f"mount --bind '{self.rundir}' /run && "
             f"exec env STRONGSWAN_CONF='{self.conf}' {CHARON_BIN}",
             log=f"{self.name}.stdout", cwd=self.dir)
+        # the socket file exists from bind(), a moment before listen(): poll until we connect
         deadline = time.monotonic() + timeout
-        while not self.socket.is_socket():
+        while self._vici is None:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"charon exited ({self.proc.returncode}): {self.tail()}")
+            if self.socket.is_socket():
+                try:
+                    self._vici = Vici(self.socket)
+                    break
+                except (ConnectionRefusedError, FileNotFoundError):
+                    pass
             if time.monotonic() > deadline:
-                raise TimeoutError(f"charon's VICI socket did not appear: {self.tail()}")
+                raise TimeoutError(f"charon's VICI socket did not answer: {self.tail()}")
             time.sleep(0.05)
         return self
 
