@@ -118,12 +118,14 @@ class Pluto:
             f"--nssdir '{self.nss}' --ipsecdir '{self.dir}/ipsec.d' "
             f"--secretsfile '{self.dir}/ipsec.secrets' --nofork",
             log=f"{self.name}.stdout", cwd=self.dir)
+        # up = whack gets an answer (the socket file exists a moment before pluto listens)
         deadline = time.monotonic() + timeout
-        while not (self.rundir / "pluto.ctl").is_socket():
+        while not ((self.rundir / "pluto.ctl").is_socket()
+                   and self.whack("--status", check=False, timeout=5).returncode == 0):
             if self.proc.poll() is not None:
                 raise RuntimeError(f"pluto exited ({self.proc.returncode}): {self.tail()}")
             if time.monotonic() > deadline:
-                raise TimeoutError(f"pluto's control socket did not appear: {self.tail()}")
+                raise TimeoutError(f"pluto's control socket did not answer: {self.tail()}")
             time.sleep(0.05)
         for name in self.conns:
             self.addconn(name)
