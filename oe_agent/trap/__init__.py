@@ -7,7 +7,8 @@ Public API (stable; other parts and the vm tier use it):
 
     from oe_agent.trap import KernelDataplane, Xfrm, Selector, Template, Lifetime, SaSpec
 
-    dp = KernelDataplane()                 # implements oe_agent.model.Dataplane
+    dp = KernelDataplane(adopt_sas=False)  # implements oe_agent.model.Dataplane; adopt_sas
+                                           #   keeps pairs of a stop(keep_sas=True) run
     caps = await dp.start()                # Capabilities(esp, algorithms, detail); reconciles
     await dp.set_trap("192.0.2.0/24")      # also set_pass / set_block / remove_group_policy
     async for ev in dp.events(): ...       # KernelAcquire(Acquire) | SaExpire |

@@ -143,7 +143,11 @@ class KernelDataplane:
 
     def __init__(self, reqid_base: int = DEFAULT_REQID_BASE,
                  priority_base: int = DEFAULT_PRIORITY_BASE, larval_queue: bool = True,
-                 nd_bypass: bool = True):
+                 nd_bypass: bool = True, adopt_sas: bool = False):
+        """adopt_sas: at start keep the own SA pairs (and their policies) a previous run left
+        with stop(keep_sas=True) — config `keep_sas_on_stop` — instead of removing them."""
+        self.adopt_sas = adopt_sas
+        self.adopted: list = []  # Sa values kept from an earlier run
         self.reqid_band = range(reqid_base, reqid_base + REQID_COUNT)
         self.priority_band = range(priority_base, priority_base + PRIORITY_COUNT)
         self.trap_reqid = reqid_base  # the template of trap and hold policies
@@ -226,14 +230,26 @@ class KernelDataplane:
         """Delete own policies and SAs left from an earlier run; foreign ones stay.
         Returns (policies removed, SAs removed)."""
         np = ns = 0
+        sas = await self.xfrm.sas()
+        keep = set()
+        if self.adopt_sas:
+            self.adopted = [sa for sa in sas if self.own_reqid(sa.reqid) and not sa.larval
+                            and sa.reqid not in (self.trap_reqid, self.probe_reqid)]
+            keep = {sa.reqid for sa in self.adopted}
+            if keep:  # new pairs take reqids above the adopted ones
+                self._reqids = itertools.count(max(keep) + 1)
         for p in await self.xfrm.policies():
-            if self.own_policy(p) and await self.xfrm.del_policy(p.sel, p.dir, mark=p.mark,
-                                                                 if_id=p.if_id):
+            if not self.own_policy(p):
+                continue
+            if (p.priority == self._prio(RANK_SA) and p.templates
+                    and all(t.reqid in keep for t in p.templates)):
+                continue
+            if await self.xfrm.del_policy(p.sel, p.dir, mark=p.mark, if_id=p.if_id):
                 np += 1
-        for sa in await self.xfrm.sas():
+        for sa in sas:
             # larval states (SPI 0) are not addressable; the kernel expires them itself
-            if self.own_reqid(sa.reqid) and sa.spi and await self.xfrm.del_sa(
-                    sa.dst, sa.spi, mark=sa.mark, if_id=sa.if_id):
+            if (self.own_reqid(sa.reqid) and sa.spi and not (sa.reqid in keep and not sa.larval)
+                    and await self.xfrm.del_sa(sa.dst, sa.spi, mark=sa.mark, if_id=sa.if_id)):
                 ns += 1
         return np, ns
 

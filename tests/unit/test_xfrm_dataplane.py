@@ -309,3 +309,23 @@ async def test_rekey_keeps_reqid_and_old_delete_keeps_new_policies(dp):
         (p.sel, p.dir, p.templates) for p in pols_before]
     await dp.del_child_sa(new)
     assert await dp.xfrm.sas() == [] and await dp.xfrm.policies() == []
+
+
+async def test_adopt_keeps_own_sa_pairs_of_a_kept_stop():
+    """keep_sas_on_stop: the next run adopts its SA pairs and their policies, still removes
+    its other stale state, and hands out reqids above the adopted ones."""
+    first = KernelDataplane()
+    first.xfrm = FakeXfrm()
+    p = params(first)
+    await first.add_child_sa(p)
+    await first.set_trap("198.51.100.0/24")
+    second = KernelDataplane(adopt_sas=True)
+    second.xfrm = first.xfrm
+    assert await second.reconcile() == (1, 0)
+    assert {s.spi for s in second.adopted} == {0x2001, 0x2002}
+    assert {(str(x.sel.dst), x.dir) for x in await second.xfrm.policies()} == {
+        ("192.0.2.2/32", "out"), ("192.0.2.1/32", "in")}
+    assert second.new_reqid() > p.reqid
+    third = KernelDataplane()
+    third.xfrm = first.xfrm
+    assert await third.reconcile() == (2, 2)
