@@ -296,6 +296,10 @@ def body(args) -> int:
         end = float(sender_log.split("end ")[1].split()[0])
         seen = {p["remote"]: p["state"] for p in st["peer_list"]}
         agent_cpu = cpu_seconds(agent.pid)
+        import collections
+        end_states = dict(collections.Counter(seen.get(d, "absent") for d in dsts))
+        first_poll = polls[0] if polls else None
+        log_tail = (a.workdir / "agent.log").read_text(errors="replace").splitlines()[-30:]
         time.sleep(0.5)
         a.stop(agent)
         dns.stop(dproc)
@@ -335,7 +339,11 @@ def body(args) -> int:
               "dns_queries_per_name": summary(list(per_name.values())),
               "dns_queries_other": other, "dns_tcp_queries": q.get("tcp", 0),
               "poll_interval_s": 0.2, "agent_cpu_s": agent_cpu,
-              "status_polls": len(polls), "status_polls_missed": missed}
+              "agent_cpu_ms_per_destination": None if agent_cpu is None else
+              agent_cpu * 1000 / args.n,
+              "status_polls": len(polls), "status_polls_missed": missed,
+              "first_status_answer_s": first_poll, "end_states": end_states,
+              "agent_log_tail": log_tail}
     for k in ("settle_time_keyed", "settle_time_unkeyed", "dns_queries_per_name"):
         report[k].pop("runs")
     print()
@@ -348,11 +356,15 @@ def body(args) -> int:
                                              ("min", "median", "max")), "all within 5 s"],
             ["DNS queries per name", dq["min"], dq["median"], dq["max"], "<= 1"]]
     print(table(["measure", "min", "median", "max", "target"], rows))
+    print(f"states at the end: {end_states}; first /status answer after the storm began: "
+          f"{first_poll if first_poll is None else round(first_poll, 2)} s, "
+          f"{missed} polls timed out (10 s each)")
     print(f"all settled {settle_all if settle_all is None else round(settle_all, 2)} s after the storm's first packet; "
           f"keyed up {keyed_up}/{len(keyed)}, unkeyed shunted {unkeyed_shunted}/"
           f"{args.n - len(keyed)}; acquires lost {len(lost)} (target 0); unsettled at the end "
           f"{len(unsettled)}; unexpected outcomes {len(wrong)}; other DNS queries (zone keys, "
-          f"the agent's own) {other}; agent CPU {agent_cpu} s from start to settled")
+          f"the agent's own) {other}; agent CPU {agent_cpu} s from its start to the end "
+          f"({(agent_cpu or 0) * 1000 / args.n:.1f} ms per destination)")
     out = write_json("acquire_storm", report)
     print(f"wrote {out.relative_to(ROOT)}")
     return 0

@@ -102,6 +102,8 @@ def table(headers: list[str], rows: list[list]) -> str:
 def write_json(name: str, report: dict) -> Path:
     report.setdefault("when", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     report.setdefault("cpus", os.cpu_count())
+    # the machine is shared: absolute times scale with its load, ratios much less
+    report.setdefault("loadavg_1_5_15", os.getloadavg())
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"{name}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}.json"
     out.write_text(json.dumps(report, indent=2, default=str) + "\n")
