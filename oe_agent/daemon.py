@@ -112,11 +112,11 @@ class Daemon:
         self.agent = agent
         agent.ike = make_ike(cfg, agent, dataplane)
         server = ControlServer(agent, cfg.socket)
-        await server.start()  # first: refuses to run twice on one socket
         loop = asyncio.get_running_loop()
         try:
             await agent.ike.start(local)  # sockets first: static peers may start at once
             await agent.start()
+            await server.start()  # last: the socket appearing means the agent is ready
             loop.add_signal_handler(signal.SIGHUP, self._reload)
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self._stop.set)

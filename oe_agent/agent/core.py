@@ -363,8 +363,11 @@ class Agent:
             gone = list(p.children.values())
         for c in gone:
             await self._del_child(p, c)
+        why = _GONE_WORDS.get(ev.reason, ev.reason or "deleted")
         if gone:
-            p.history.append((self.clock(), f"SA deleted ({ev.reason or 'by peer'})"))
+            p.history.append((self.clock(), f"SA deleted ({why})"))
+        elif ev.spi_in is None and ev.reason and ev.reason != "local":
+            p.history.append((self.clock(), f"IKE SA gone ({why})"))
         if not p.children:
             await self._input(p, PeerInput.SA_GONE, ev)
 
@@ -895,6 +898,10 @@ Agent._HANDLERS = {
     ChildRekeyed: Agent._on_child_rekeyed, ChildGone: Agent._on_child_gone, Failed: Agent._on_failed,
     DnsAnswer: Agent._on_dns,
 }
+
+_GONE_WORDS = {"dead-peer": "peer dead: no answer to liveness checks", "peer": "deleted by the peer",
+               "local": "deleted by us", "superseded": "lost the simultaneous-initiation tie-break",
+               "ike-deleted": "its IKE SA was deleted", "rekey-collision": "rekey collision"}
 
 _SHUNT_REASONS = {sh.NO_KEY, sh.SILENT, sh.REFUSED, sh.BOGUS, sh.INSECURE, sh.INTERNAL}
 

@@ -280,3 +280,21 @@ def test_mutual_initiation_one_sa_pair(hosts):
     ta, tb = poll(settled, "one SA pair on each side", 30)
     spi_in_a, spi_out_a = ta.split("in=")[1].split()[0], ta.split("out=")[1].split()[0]
     assert f"in={spi_out_a}" in tb and f"out={spi_in_a}" in tb, (ta, tb)
+
+
+def test_killed_peer_detected_then_reestablished(hosts):
+    """Liveness (short here): a SIGKILLed peer's SAs are removed; once it is back, the next
+    packet sets up a new SA pair."""
+    lab = OeLab(hosts, "userspace", "[ike]\nliveness = 2\n")
+    a, b = lab.build([("private-or-clear", True), ("clear-or-private", True)])
+    lab.start(a, b)
+    assert lab.probe(a, b, "CANARYLIVE1") >= 2
+    first = lab.ctl(a, "trafficstatus")
+    assert first.count("ESP in=") == 1, first
+    lab.stop(b, signal.SIGKILL)
+    poll(lambda: lab.ctl(a, "trafficstatus") == "", "the dead peer's SAs to go", 60)
+    assert "peer dead: no answer to liveness checks" in lab.ctl(a, "explain", b.v4)
+    lab.start(b, echo=False)
+    assert lab.probe(a, b, "CANARYLIVE2") >= 2
+    again = lab.ctl(a, "trafficstatus")
+    assert again.count("ESP in=") == 1 and again.split()[2] != first.split()[2], (first, again)
