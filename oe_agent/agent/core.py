@@ -178,6 +178,7 @@ class Agent:
         self._seq = itertools.count()
         self._tasks: set[asyncio.Task] = set()
         self._stopping = False
+        self._running: asyncio.Event | None = None  # set while run() is in its loop
         self.metrics = collections.Counter()
 
     # --- inputs: posted by adapters -------------------------------------------------------
@@ -217,6 +218,8 @@ class Agent:
     async def run(self) -> None:
         """Handle queued inputs and timers until stop()."""
         events = asyncio.create_task(self._pump_dataplane())
+        self._running = asyncio.Event()
+        self._running.set()
         try:
             while not self._stopping:
                 deadline = self.next_deadline()
@@ -230,6 +233,7 @@ class Agent:
                 await self.on_timers(self.clock())
         finally:
             events.cancel()
+            self._running.clear()
 
     async def _pump_dataplane(self) -> None:
         async for ev in self.dataplane.events():
@@ -244,7 +248,9 @@ class Agent:
                 except UserError as e:
                     item.future.set_exception(e)
                 return
-            handler = self._HANDLERS.get(type(item))
+            # by MRO: dataplanes send subclasses (the kernel's KernelAcquire is an Acquire)
+            handler = next((self._HANDLERS[c] for c in type(item).__mro__
+                            if c in self._HANDLERS), None)
             if handler is None:
                 log.warning("unexpected input %r", item)
                 return
@@ -273,6 +279,11 @@ class Agent:
         """Clean stop: delete SAs and everything installed, unless keep_sas_on_stop."""
         self._stopping = True
         self.post(None)
+        # let the core task finish its current input: from here on stop() owns the state
+        for _ in range(1000):
+            if self._running is None or not self._running.is_set():
+                break
+            await asyncio.sleep(0.01)
         for t in list(self._tasks):
             t.cancel()
         keep = self.config.keep_sas_on_stop

@@ -463,3 +463,16 @@ async def test_idle_peer_records_are_bounded(monkeypatch):
         await acquire(agent, ipaddress.ip_address(f"203.0.113.{n + 1}"))  # clear-or-private: ignored
     assert len(agent.peers) <= 8 and agent.peers[POC].state is PeerState.UP
     assert ipaddress.ip_address("203.0.113.40") in agent.peers  # the newest stay
+
+
+async def test_dataplane_event_subclasses_are_handled():
+    """The kernel dataplane sends KernelAcquire, a subclass of model.Acquire."""
+    from dataclasses import dataclass
+
+    @dataclass(frozen=True)
+    class KernelishAcquire(Acquire):
+        extra: int = 0
+
+    agent, dp, ike, res, clock, _ = await started()
+    await agent.handle(KernelishAcquire(src=LOCAL, dst=POC, extra=1))
+    assert agent.peers[POC].state is PeerState.NEGOTIATING and ike.of("initiate")
