@@ -208,6 +208,8 @@ class KernelDataplane:
             for sel, d in self._base:
                 await self.xfrm.del_policy(sel, d)
             self._base.clear()
+            # a sweep by dump: adopted pairs and anything a failed call left go too
+            await self.reconcile(keep_pairs=keep_sas)
             if self._larval_fd is not None:
                 os.pwrite(self._larval_fd, self._larval_drop_before + b"\n", 0)
         finally:
@@ -226,13 +228,14 @@ class KernelDataplane:
     def own_reqid(self, reqid: int) -> bool:
         return reqid in self.reqid_band
 
-    async def reconcile(self) -> tuple[int, int]:
-        """Delete own policies and SAs left from an earlier run; foreign ones stay.
+    async def reconcile(self, keep_pairs: bool | None = None) -> tuple[int, int]:
+        """Delete own policies and SAs left from an earlier run; foreign ones stay. With
+        keep_pairs (default: adopt_sas) own SA pairs and their policies stay (`adopted`).
         Returns (policies removed, SAs removed)."""
         np = ns = 0
         sas = await self.xfrm.sas()
         keep = set()
-        if self.adopt_sas:
+        if self.adopt_sas if keep_pairs is None else keep_pairs:
             self.adopted = [sa for sa in sas if self.own_reqid(sa.reqid) and not sa.larval
                             and sa.reqid not in (self.trap_reqid, self.probe_reqid)]
             keep = {sa.reqid for sa in self.adopted}

@@ -329,3 +329,19 @@ async def test_adopt_keeps_own_sa_pairs_of_a_kept_stop():
     third = KernelDataplane()
     third.xfrm = first.xfrm
     assert await third.reconcile() == (2, 2)
+
+
+async def test_clean_stop_also_removes_adopted_pairs_and_kept_stop_keeps_them(dp):
+    await dp.add_child_sa(params(dp))
+    await dp.set_trap("198.51.100.0/24")
+    await dp.set_shunt(A, ipaddress.ip_address("192.0.2.3"), ShuntKind.DROP, 60)
+    xf = dp.xfrm
+    xf.close = lambda: None
+    await dp.stop(keep_sas=True)
+    assert {s.spi for s in await xf.sas()} == {0x2001, 0x2002}
+    assert {p.priority - dp.priority_band.start for p in await xf.policies()} == {RANK_SA}
+    again = KernelDataplane(adopt_sas=True)
+    again.xfrm = xf
+    await again.reconcile()
+    await again.stop()
+    assert await xf.sas() == [] and await xf.policies() == []
