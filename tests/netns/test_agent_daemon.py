@@ -210,3 +210,33 @@ def test_crash_leaves_state_that_the_next_start_reconciles(hosts):
     finally:
         h.stop(p, signal.SIGTERM, wait=20)
     assert p.returncode == 0 and state(h, "kernel") == before
+
+
+@pytest.mark.parametrize("dataplane", ["userspace", "kernel"])
+def test_a_real_packet_is_an_acquire(hosts, dataplane):
+    """A datagram to a trapped destination reaches the agent as an ACQUIRE (XFRM_MSG_ACQUIRE on
+    the kernel dataplane, the packet itself on oe0): a hold shunt while IKE runs, then the
+    silent peer's pass shunt."""
+    if dataplane == "kernel":
+        needs(kernel_dataplane_present(), "the kernel dataplane (oe_agent.trap.dataplane)")
+    h = hosts.add()
+    pol = h.workdir / "policies"
+    write_policies(pol, private_or_clear="192.0.2.0/24\n")
+    sock = h.workdir / "ctl.sock"
+    key = write_key(h.workdir / "hostkey.pem")
+    cfg = h.workdir / "oe.toml"
+    cfg.write_text(f'[agent]\npolicies = "{pol}"\nsocket = "{sock}"\ndataplane = "{dataplane}"\n'
+                   f'[identity]\nkey = "{key}"\n[ike]\nretransmit_tries = 2\n')
+    p = h.popen(sys.executable, "-m", "oe_agent", "run", "-c", str(cfg), log="agent.log")
+    try:
+        poll(lambda: sock.exists() or p.poll() is not None, "the agent")
+        assert p.poll() is None, (h.workdir / "agent.log").read_text()
+        h.run(sys.executable, "-c", "import socket; s=socket.socket(socket.AF_INET, "
+              "socket.SOCK_DGRAM); s.sendto(b'x', ('192.0.2.77', 9))", check=False)
+        sh = poll(lambda: oe("shuntstatus", "--socket", str(sock)).stdout, "a shunt")
+        assert re.match(r"192\.0\.2\.77: (hold \(negotiating\)|pass \(silent)", sh), sh
+        ex = json.loads(oe("explain", "192.0.2.77", "--json", "--socket", str(sock)).stdout)
+        assert ex["history"][0]["event"].startswith("acquire 192.0.2.1 -> 192.0.2.77"), ex
+    finally:
+        h.stop(p, signal.SIGTERM, wait=20)
+    assert p.returncode == 0
