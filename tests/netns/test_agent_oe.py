@@ -130,21 +130,25 @@ class OeLab:
                 "fam=socket.AF_INET6 if ':' in sys.argv[2] else socket.AF_INET\n"
                 "s=socket.socket(fam,socket.SOCK_DGRAM); s.bind((sys.argv[1],0)); s.settimeout(0.5)\n"
                 "t0=time.monotonic(); ok=0; n=0\n"
+                "def send(m):\n"
+                "    try: s.sendto(m.encode(),(sys.argv[2],7))\n"
+                "    except OSError as e: print(e, file=sys.stderr); time.sleep(0.5)\n"
                 "while time.monotonic()-t0<float(sys.argv[4]) and not ok:\n"
-                "    s.sendto(f'{sys.argv[3]}:{n}'.encode(),(sys.argv[2],7)); n+=1\n"
+                "    send(f'{sys.argv[3]}:{n}'); n+=1\n"
                 "    try:\n"
                 "        while not ok: ok=int(s.recvfrom(9999)[0].startswith(sys.argv[3].encode()))\n"
                 "    except socket.timeout: pass\n"
                 "if ok:\n"
                 "    for i in range(3):\n"
-                "        s.sendto(f'{sys.argv[3]}:s{i}'.encode(),(sys.argv[2],7))\n"
+                "        send(f'{sys.argv[3]}:s{i}')\n"
                 "        try:\n"
                 "            while True:\n"
                 "                if s.recvfrom(9999)[0]==f'{sys.argv[3]}:s{i}'.encode(): ok+=1; break\n"
                 "        except socket.timeout: pass\n"
                 "print(ok)\n")
         r = src.run(sys.executable, "-c", code, s_addr, d_addr, canary, str(wait),
-                    timeout=wait + 60)
+                    timeout=wait + self.bound, check=False)
+        assert r.returncode == 0, r.stderr  # send errors (EPERM under a drop) are in stderr
         return int(r.stdout.strip() or 0)
 
 
