@@ -47,6 +47,20 @@ def test_invalid_ke_payload_retry(hosts, charon, keypair):
     assert "requesting MODP_2048" in log and "N(INVAL_KE)" in log
 
 
+def test_cookie_from_engine(hosts, charon, keypair):
+    """The engine as responder demands a COOKIE (threshold 0: always, RFC 7296 §2.6); charon
+    repeats its IKE_SA_INIT with it and the SAs come up."""
+    engine, c = _pair(hosts, charon, keypair, ike="aes256gcm16-prfsha256-x25519",
+                      esp="aes128gcm16", engine_extra={"cookie_threshold": 0})
+    engine.start()
+    c.initiate("oe-host", "oe")
+    engine.wait_event("ChildSaEstablished")
+    settled(c, "established after the engine's cookie")
+    log = c.log_text()
+    assert "received COOKIE notify" in log
+    assert "generating IKE_SA_INIT request 0 [ N(COOKIE) " in log
+
+
 def test_no_proposal_chosen_from_charon(hosts, charon, keypair):
     engine, c = _pair(hosts, charon, keypair, ike="aes256gcm16-prfsha256-x25519",
                       charon_ike="aes128-sha256-modp2048", esp="aes128gcm16")

@@ -82,9 +82,10 @@ class Driver:
         self.remote = ipaddress.ip_address(raw["remote"])
         self.keylog = KeyLogWriter(raw["keylog"]) if raw.get("keylog") else None
         self.esp_packets = 0
+        endpoint = {k: v for k, v in (raw.get("extra") or {}).items() if k == "cookie_threshold"}
         self.adapter = IkeAdapter([self.local], self.responder_config, self.on_event,
                                   ike_port=cfg.ike_port, natt_port=cfg.natt_port,
-                                  on_esp=self.on_esp)
+                                  on_esp=self.on_esp, **endpoint)
 
     def responder_config(self, local, remote) -> IkeConfig | None:
         return self.cfg if remote == self.remote else None
