@@ -160,6 +160,9 @@ def cmd_run(args) -> int:
     except PermissionError as e:
         raise UserError(f"permission denied ({e.strerror or e}): the agent needs root "
                         "(CAP_NET_ADMIN)") from None
+    except OSError as e:  # the dataplane or a socket could not start: one line, not a trace
+        log.debug("start failed", exc_info=True)
+        raise UserError(f"cannot start: {e}") from None
 
 
 def register(sub) -> None:
