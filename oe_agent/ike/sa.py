@@ -200,6 +200,13 @@ def _need(msg: Message, cls, what: str):
     return p
 
 
+def _observed(ts: tuple[TrafficSelector, ...], addr: IPAddress) -> tuple[TrafficSelector, ...]:
+    """Single-host selectors of `addr`'s family rewritten to `addr` (transport mode across a
+    NAT, RFC 7296 §2.23.1); ranges are left alone."""
+    return tuple(replace(t, start=addr, end=addr) if t.start == t.end and
+                 t.version == addr.version else t for t in ts)
+
+
 def _check_nonce(n: Nonce) -> bytes:
     if not 16 <= len(n.data) <= 256:
         raise IkeProtocolError(NotifyType.INVALID_SYNTAX, f"nonce of {len(n.data)} bytes (§2.10)")
@@ -934,10 +941,15 @@ class IkeSa:
             raise IkeProtocolError(NotifyType.INVALID_SYNTAX, "ESP SPI is not 4 bytes")
         suite = Suite.from_proposal(chosen)
         suite.esp_algorithm()
-        tsi_ok = narrow(tsi, self._ts_remote())
-        tsr_ok = narrow(tsr, self._ts_local())
         transport = msg.notify(NotifyType.USE_TRANSPORT_MODE) is not None
         mode = Mode.TRANSPORT if transport else Mode.TUNNEL
+        if transport:  # §2.23.1: behind a NAT the host selectors name the private addresses
+            if self.nat_remote:
+                tsi = _observed(tsi, self.remote)
+            if self.nat_local:
+                tsr = _observed(tsr, self.local)
+        tsi_ok = narrow(tsi, self._ts_remote())
+        tsr_ok = narrow(tsr, self._ts_local())
         spi_in = self._new_child_spi()
         params = build_params(
             exchange_initiator=False, local=self.local, remote=self.remote, spi_in=spi_in,
@@ -964,9 +976,13 @@ class IkeSa:
         tsi = _need(msg, TsInitiator, "TSi").selectors
         tsr = _need(msg, TsResponder, "TSr").selectors
         ts_i, ts_r = ctx["ts"]
+        transport = msg.notify(NotifyType.USE_TRANSPORT_MODE) is not None
+        if transport and (self.nat_local or self.nat_remote):
+            # §2.23.1: the responder saw our selectors through the NAT; ours are the truth
+            tsi, tsr = (_observed(tsi, self.local) if self.nat_local else tsi,
+                        _observed(tsr, self.remote) if self.nat_remote else tsr)
         if not within(tsi, ts_i) or not within(tsr, ts_r):
             raise IkeProtocolError(NotifyType.TS_UNACCEPTABLE, "responder widened the selectors")
-        transport = msg.notify(NotifyType.USE_TRANSPORT_MODE) is not None
         params = build_params(
             exchange_initiator=True, local=self.local, remote=self.remote, spi_in=ctx["spi"],
             spi_out=int.from_bytes(chosen.spi, "big"), suite=suite,

@@ -622,3 +622,34 @@ def test_delete_during_ike_auth_still_reaches_the_responder(keys):
     assert p.i.state == p.r.state == IkeState.CLOSED
     p.collect()
     assert len(p.of(p.events_r, IkeSaDeleted)) == 1
+
+
+def test_transport_mode_through_an_address_translating_nat(keys):
+    """The initiator (192.0.2.1 inside) appears as 203.0.113.7 to the responder: transport
+    mode host selectors are taken as observed (RFC 7296 §2.23.1)."""
+    from oe_agent.ike.sa import IkeSa
+    from tests.unit.test_ike_sa_pair import seeded
+
+    public = ipaddress.ip_address("203.0.113.7")
+    ca, cb = configs(keys, "ed25519")
+    p = Pair(IkeSa(ca, A, B, initiator=True, rng=seeded(1)),
+             IkeSa(cb, B, public, initiator=False, rng=seeded(2)))
+
+    def deliver(sa, datagrams):
+        for d in datagrams:
+            if sa is p.i:
+                p.r.receive_datagram(d.data, (public, 40000 + d.local_port), p.now,
+                                     local_port=d.remote_port)
+            else:
+                p.i.receive_datagram(d.data, (B, d.local_port), p.now,
+                                     local_port=d.remote_port - 40000)
+    p.deliver = deliver
+    p.i.connect(p.now)
+    p.run()
+    assert p.i.state == p.r.state == IkeState.ESTABLISHED, (p.i.last_error, p.r.last_error)
+    a, = (e.params for e in p.of(p.events_i, ChildSaEstablished))
+    b, = (e.params for e in p.of(p.events_r, ChildSaEstablished))
+    assert (a.spi_in, a.encr_key_in) == (b.spi_out, b.encr_key_out)
+    assert a.ts_local == (TrafficSelector.host(A),) and a.ts_remote == (TrafficSelector.host(B),)
+    assert b.ts_remote == (TrafficSelector.host(public),)
+    assert a.encap == (4500, 4500) and b.encap == (4500, 44500)
