@@ -99,3 +99,48 @@ def ike_spis_from(pcap, src: str) -> set[tuple[str, str]]:
             hdr = pkt.payload[4:] if 4500 in (pkt.sport, pkt.dport) else pkt.payload
             out.add((hdr[:8].hex(), hdr[8:16].hex()))
     return out
+
+
+def test_ike_rekey_and_delete_from_engine(hosts, pluto, keypair):
+    """pluto as responder keeps the IKE SA after refusing the Child SA here; the engine rekeys
+    it (CREATE_CHILD_SA, RFC 7296 §1.3.2) and then deletes it (§1.4.1)."""
+    engine, p = setup_pair(hosts, pluto, keypair, "modp2048-cbc")
+    engine.start()
+    engine.send("initiate")
+    first = engine.wait_event("IkeSaEstablished")
+    engine.wait_event(("ChildSaEstablished", "NegotiationFailed"))
+
+    engine.send("rekey_ike")
+    ev = engine.wait_event("IkeSaRekeyed")
+    assert (ev["old_spi_i"], ev["old_spi_r"]) == (first["spi_i"], first["spi_r"])
+    p.wait_log(r"responder rekeyed IKE SA #\d+")
+
+    engine.send("delete_ike")
+    deleted = engine.wait_event("IkeSaDeleted")
+    assert (deleted["spi_i"], deleted["reason"]) == (ev["spi_i"], "local")
+    p.wait_log(r"#\d+: deleting state \(STATE_V2_ESTABLISHED_IKE_SA\)[^\n]*\n(?:.*\n)*.*"
+               r"#\d+: deleting state \(STATE_V2_ESTABLISHED_IKE_SA\)")  # the old one, then ours
+    assert "STATE_V2_ESTABLISHED_IKE_SA" not in p.states()
+
+
+def test_childless_ike_from_pluto_rekey_and_delete(hosts, pluto, keypair):
+    """pluto's `omit-v2-ike-auth-child` impairment gives an IKE SA without a Child SA (the only
+    way pluto keeps one up here, interop README); pluto then rekeys it and deletes it."""
+    engine, p = setup_pair(hosts, pluto, keypair, "modp2048-cbc")
+    engine.start()
+    p.whack("--impair", "omit-v2-ike-auth-child")
+    try:
+        out = p.initiate("oe")
+        assert "initiator established IKE SA" in out, out
+        first = engine.wait_event("IkeSaEstablished")
+        assert first["initiator"] is False
+        assert not engine.events_named("ChildSaEstablished")
+
+        p.whack("--rekey-ike", "--name", "oe")
+        ev = engine.wait_event("IkeSaRekeyed")
+        assert (ev["old_spi_i"], ev["old_spi_r"]) == (first["spi_i"], first["spi_r"])
+        p.wait_log(r"initiator rekeyed IKE SA #\d+")
+    finally:
+        p.delete("oe")
+    deleted = engine.wait_event("IkeSaDeleted", match=lambda e: e["spi_i"] == ev["spi_i"])
+    assert deleted["reason"] == "peer"
