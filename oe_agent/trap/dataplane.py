@@ -416,7 +416,9 @@ class KernelDataplane:
             sel_in = sel_out.reversed()
         seq = self._acquire_seq.get((p.local, p.remote), (0, 0))[0]
         out = SaSpec(p.local, p.remote, p.spi_out, p.reqid, p.alg, p.encr_key_out,
-                     p.integ_key_out, p.mode, sel_out, enc_out, p.esn, 0, life, seq)
+                     p.integ_key_out, p.mode, sel_out, enc_out, p.esn,
+                     # an ESN SA needs a window even outbound (kernels without XFRMA_SA_DIR)
+                     p.replay_window if p.esn else 0, life, seq)
         inb = SaSpec(p.remote, p.local, p.spi_in, p.reqid, p.alg, p.encr_key_in,
                      p.integ_key_in, p.mode, sel_in, enc_in, p.esn, p.replay_window, life)
         return inb, out

@@ -487,6 +487,8 @@ class Xfrm:
             attrs.append(("XFRMA_ENCAP", {"encap_type": xfrm.UDP_ENCAP_ESPINUDP,
                                           "encap_sport": spec.encap[0],
                                           "encap_dport": spec.encap[1]}))
+        if spec.esn and not spec.replay_window:
+            raise ValueError("an ESN SA needs a replay window > 0 (the kernel refuses 0)")
         if spec.esn or spec.replay_window:
             # the ESN replay attribute also lifts the legacy 32-packet window limit
             words = max(1, (spec.replay_window + 31) // 32)

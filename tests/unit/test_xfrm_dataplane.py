@@ -345,3 +345,18 @@ async def test_clean_stop_also_removes_adopted_pairs_and_kept_stop_keeps_them(dp
     await again.reconcile()
     await again.stop()
     assert await xf.sas() == [] and await xf.policies() == []
+
+
+async def test_esn_outbound_sa_gets_the_window_too(dp):
+    seen = []
+    orig = dp.xfrm.add_sa
+
+    async def spy(spec, update=False):
+        seen.append((spec.spi, spec.esn, spec.replay_window))
+        await orig(spec, update)
+    dp.xfrm.add_sa = spy
+    await dp.add_child_sa(params(dp, esn=True, replay_window=128))
+    await dp.add_child_sa(params(dp, spi_in=0x5001, spi_out=0x5002, local=A,
+                                 remote=ipaddress.ip_address("192.0.2.9")))
+    assert seen == [(0x2001, True, 128), (0x2002, True, 128), (0x5001, False, 64),
+                    (0x5002, False, 0)]
