@@ -144,3 +144,24 @@ def test_childless_ike_from_pluto_rekey_and_delete(hosts, pluto, keypair):
         p.delete("oe")
     deleted = engine.wait_event("IkeSaDeleted", match=lambda e: e["spi_i"] == ev["spi_i"])
     assert deleted["reason"] == "peer"
+
+
+def test_cookie_from_pluto(hosts, pluto, keypair):
+    """pluto in DDoS 'busy' mode answers every IKE_SA_INIT with a COOKIE (RFC 7296 §2.6); the
+    engine repeats its request with the cookie first and the IKE SA comes up."""
+    engine, p = setup_pair(hosts, pluto, keypair, "x25519-gcm")
+    tcpdump, pcap = hosts.capture(p.host, "udp port 500", name="cookie")
+    p.whack("--ddos-busy")
+    engine.start()
+    engine.send("initiate")
+    engine.wait_event("IkeSaEstablished")
+    p.wait_log(r"responder established IKE SA")
+    p.host.stop(tcpdump)
+    # on the wire: pluto's first answer carries only N(COOKIE) (16390) and the engine's
+    # second IKE_SA_INIT starts with that notify
+    inits = [x for x in read_pcap(pcap) if x.dport == 500 and x.payload[18] == 34
+             and x.src == engine.config.local]
+    assert len(inits) >= 2
+    first_payload = inits[-1].payload[16]
+    notify_type = int.from_bytes(inits[-1].payload[28 + 6:28 + 8], "big")
+    assert first_payload == 41 and notify_type == 16390  # N, COOKIE
