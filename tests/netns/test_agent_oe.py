@@ -222,8 +222,13 @@ def test_group_outcome_userspace(hosts, g1, g2, published, expect):
     run_case(hosts, "userspace", g1, g2, published, expect)
 
 
-def test_ipv6_encrypted_userspace(hosts):
-    run_case(hosts, "userspace", "private-or-clear", "clear-or-private", True, "encrypted", v6=True)
+V6_CASES = [CASES[0], CASES[3], CASES[4]]
+
+
+@pytest.mark.parametrize("g1, g2, published, expect", V6_CASES,
+                         ids=[f"{c[0]}-{c[1]}{'' if c[2] else '-nokey'}" for c in V6_CASES])
+def test_group_outcome_ipv6_userspace(hosts, g1, g2, published, expect):
+    run_case(hosts, "userspace", g1, g2, published, expect, v6=True)
 
 
 def test_failure_shunt_visible_backs_off_and_restores_trap(hosts):
