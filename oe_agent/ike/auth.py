@@ -303,15 +303,6 @@ def _with_ai(scheme: SignatureScheme, sig: bytes) -> bytes:
     return bytes([len(ai)]) + ai + sig
 
 
-def method_for(cred: Credential) -> int:
-    """The AUTH method our credential produces when the peer announced SIGNATURE_HASH_ALGORITHMS."""
-    if isinstance(cred, PskCredential):
-        return AuthMethod.SHARED_KEY_MIC
-    if isinstance(cred, NullCredential):
-        return AuthMethod.NULL
-    return AuthMethod.DIGITAL_SIGNATURE
-
-
 # ---------------------------------------------------------------- verification (peer's side)
 
 def verify(method: int, data: bytes, octets: bytes, prf: Prf, sk_p: bytes, *,
