@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (ROOT, BenchError, lab, need_root, need_tools, positive,  # noqa: E402
+from common import (ROOT, BenchError, cpu_seconds, lab, need_root, need_tools, positive,  # noqa: E402
                     run_main, summary, table, write_json)
 
 DNS_V4, DNS_V6 = "192.0.2.53", "2001:db8::53"
@@ -173,16 +173,6 @@ def wait_for(path: Path, what: str, proc, timeout: float = 30.0, text: bytes | N
             tail = log.read_text(errors="replace")[-1500:] if log.is_file() else ""
             raise BenchError(f"{what} did not start: {tail}")
         time.sleep(0.05)
-
-
-def cpu_seconds(pid: int) -> float | None:
-    """utime + stime of a process (the agent: `ip netns exec` execs, so Popen's pid is it)."""
-    import os
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return None
 
 
 def status(sock: Path) -> dict:

@@ -110,6 +110,15 @@ def write_json(name: str, report: dict) -> Path:
     return out
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """utime + stime of a process (`ip netns exec` execs, so a Host.popen pid is the program)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def _sigterm(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
