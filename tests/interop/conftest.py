@@ -9,7 +9,7 @@ import pytest
 from tests.conftest import needs
 from tests.interop.peers import keys
 from tests.interop.peers.charon import CHARON_BIN, Charon
-from tests.interop.peers.pluto import LIBRESWAN, Pluto
+from tests.interop.peers.pluto import LIBRESWAN, Pluto, new_nss_db
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -46,14 +46,24 @@ def charon(hosts):
         c.stop()
 
 
-@pytest.fixture
-def pluto(hosts):
-    """pluto(host, ...) -> a started Pluto in that host; all stopped at teardown."""
+@pytest.fixture(scope="session")
+def pluto_nss(tmp_path_factory) -> Path:
+    """One NSS db with an RSA host key, made once per session and copied into each pluto."""
     needs((LIBRESWAN / "pluto").exists(),
           f"libreswan unpacked in {LIBRESWAN.parents[2]} (tools/install-deps.sh)")
+    d = tmp_path_factory.mktemp("pluto-nss") / "nss"
+    new_nss_db(d)
+    return d
+
+
+@pytest.fixture
+def pluto(hosts, pluto_nss):
+    """pluto(host, ...) -> a started Pluto in that host; all stopped at teardown. Every pluto
+    of a session has the same host key (pass nss_template=None for a fresh one)."""
     started: list[Pluto] = []
 
     def start(host, **kw) -> Pluto:
+        kw.setdefault("nss_template", pluto_nss)
         p = Pluto(host, **kw)
         started.append(p)
         return p.start()

@@ -12,6 +12,7 @@ pitfalls 10 and 11).
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -41,11 +42,20 @@ conn %default
 """
 
 
+def new_nss_db(nss: Path, rsa_bits: int = 3072) -> None:
+    """An NSS db ("ipsec initnss") holding one fresh RSA host key (rsasigkey, >= 2192 bits)."""
+    nss.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["certutil", "-N", "-d", f"sql:{nss}", "--empty-password"],
+                   check=True, capture_output=True, timeout=30)
+    subprocess.run([str(LIBRESWAN / "rsasigkey"), "--nssdir", str(nss), str(rsa_bits)],
+                   check=True, capture_output=True, timeout=120)
+
+
 class Pluto:
     """One pluto in `host`, with an RSA host key in its own NSS db."""
 
     def __init__(self, host: Host, *, name: str = "pluto", rsa_bits: int = 3072,
-                 debug: str = "none"):
+                 debug: str = "none", nss_template: Path | None = None):
         self.host = host
         self.name = name
         self.dir = host.workdir / name
@@ -54,6 +64,7 @@ class Pluto:
         self.conf = self.dir / "ipsec.conf"
         self.log = self.dir / "pluto.log"
         self.rsa_bits = rsa_bits
+        self.nss_template = nss_template  # an NSS db made by make_key() before, copied
         self.debug = debug
         self.conns: dict[str, str] = {}
         self.proc: subprocess.Popen | None = None
@@ -67,10 +78,12 @@ class Pluto:
                               text=True, timeout=60, **kw).stdout
 
     def make_key(self) -> None:
-        self.nss.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["certutil", "-N", "-d", f"sql:{self.nss}", "--empty-password"],
-                       check=True, capture_output=True, timeout=30)
-        self._tool("rsasigkey", "--nssdir", str(self.nss), str(self.rsa_bits))
+        """An NSS db with one RSA host key (rsasigkey: at least 2192 bits in 4.10), or a copy
+        of `nss_template` (RSA generation is the slow part of starting pluto)."""
+        if self.nss_template is not None:
+            shutil.copytree(self.nss_template, self.nss, dirs_exist_ok=True)
+        else:
+            new_nss_db(self.nss, self.rsa_bits)
         listing = self._tool("showhostkey", "--nssdir", str(self.nss), "--list")
         m = re.search(r"ckaid: ([0-9a-f]+)", listing)
         if not m:
