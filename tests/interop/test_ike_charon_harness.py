@@ -5,9 +5,17 @@ It documents how the interop fixtures are used and proves them before the agent 
 """
 from __future__ import annotations
 
-import pytest
+import base64
+import os
+import subprocess
 
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tests.conftest import needs
 from tests.interop.peers.charon import established, hold_half_open, host_conn, sole_child
+from tests.interop.peers.vici import decode_message, encode_message
 from tests.interop.peers.wire import canary_seen, read_pcap
 
 CANARY = b"oe-agent-canary!"  # 16 bytes: ping -p repeats it through the payload
@@ -126,3 +134,32 @@ def test_charon_cookie_threshold(hosts, charon, keypair):
     cb.wait_sas(lambda s: established(s, "peer"), what="established")
     assert "sending COOKIE notify" in cb.log_text()
     assert "received COOKIE notify" in ca.log_text()
+
+
+def test_vici_codec_round_trip():
+    """Our VICI encoder and decoder agree on nested sections, lists and values."""
+    names = st.text(alphabet="abcdefghijklmnopqrstuvwxyz-_0123456789", min_size=1, max_size=20)
+    values = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=50)
+    tree = st.recursive(
+        st.dictionaries(names, st.one_of(values, st.lists(values, max_size=4)), max_size=4),
+        lambda children: st.dictionaries(names, st.one_of(values, children), max_size=4),
+        max_leaves=12)
+
+    @given(tree)
+    def check(msg):
+        assert decode_message(encode_message(msg)) == msg
+
+    check()
+
+
+def test_rfc3110_form_matches_strongswan_pki(tmp_path, keypair):
+    """keys.KeyPair.rfc3110 (what pluto's rsasigkey= gets) equals `pki --outform dnskey`."""
+    needs(os.access("/usr/bin/pki", os.X_OK), "strongSwan's pki (apt: strongswan-pki)")
+    k = keypair("rsa", 0)
+    _, pub = k.write(tmp_path, "k")
+    conf = tmp_path / "strongswan.conf"
+    conf.write_text("pki {\n load = pem pkcs1 pkcs8 openssl pubkey dnskey\n}\n")
+    out = subprocess.run(["pki", "--pub", "--type", "pub", "--in", str(pub), "--outform", "dnskey"],
+                         capture_output=True, check=True, timeout=30,
+                         env=dict(os.environ, STRONGSWAN_CONF=str(conf))).stdout
+    assert base64.b64decode(out) == base64.b64decode(k.rfc3110)
