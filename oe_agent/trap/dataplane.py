@@ -24,7 +24,6 @@ bounded. The previous sysctl value is restored by `stop()`.
 """
 from __future__ import annotations
 
-import asyncio
 import errno
 import ipaddress
 import itertools
@@ -32,13 +31,12 @@ import os
 import socket
 from dataclasses import replace
 from pathlib import Path
-from typing import AsyncIterator
 
 from oe_agent.model import (Acquire, Capabilities, ChildSaParams, EspAlgorithm, IPAddress,
                             IPNetwork, Mode, PolicyExpire, SaCounters, SaExpire, ShuntKind)
 from oe_agent.trap import xfrm
-from oe_agent.trap.kernel import (KernelAcquire, KernelPolicyExpire, Lifetime, Policy, SaSpec, Selector, Template,
-                                  Xfrm, event_from)
+from oe_agent.trap.kernel import (KernelAcquire, KernelPolicyExpire, Lifetime, Policy, SaSpec,
+                                  Selector, Template, Xfrm, event_from)
 from oe_agent.trap.netlink import EventsLost, XfrmError, XfrmEventSocket
 
 DEFAULT_REQID_BASE = 0x0E0A0000
@@ -584,26 +582,55 @@ class KernelDataplane:
                     out.append(PolicyExpire(src=sel.src, dst=sel.dst, index=0, hard=True))
         return out
 
-    async def events(self) -> AsyncIterator[Acquire | SaExpire | PolicyExpire]:
+    def events(self) -> "EventStream":
         """ACQUIRE/EXPIRE/POLEXPIRE of the agent's own state, as model events; after an
-        overflow (ENOBUFS) the same, synthesised from a dump."""
+        overflow (ENOBUFS) the same, synthesised from a dump. One consumer at a time."""
         if self._events is None:
             raise RuntimeError("KernelDataplane.events() before start()")
-        while self._events is not None:
-            try:
-                m = await self._events.next()
-            except ConnectionError:
-                return
-            if isinstance(m, EventsLost):
-                self.resyncs += 1
-                evs = await self._resync()
+        return EventStream(self)
+
+
+class EventStream:
+    """The iterator `KernelDataplane.events()` returns. Unlike an async generator, it stays
+    usable when a `wait_for(stream.__anext__(), t)` times out: a cancelled wait loses nothing
+    (messages stay in the socket or the ready list; an interrupted resync is redone)."""
+
+    def __init__(self, dp: KernelDataplane):
+        self._dp = dp
+        self._ready: list = []
+        self._resync = False
+        self._closed = False
+
+    def __aiter__(self) -> "EventStream":
+        return self
+
+    async def __anext__(self) -> Acquire | SaExpire | PolicyExpire:
+        dp = self._dp
+        while True:
+            if self._ready:
+                return self._ready.pop(0)
+            if self._closed or dp._events is None:
+                raise StopAsyncIteration
+            if self._resync:
+                evs = await dp._resync()
+                self._resync = False
             else:
+                try:
+                    m = await dp._events.next()
+                except ConnectionError:
+                    raise StopAsyncIteration from None
+                if isinstance(m, EventsLost):
+                    dp.resyncs += 1
+                    self._resync = True
+                    continue
                 evs = [event_from(m)]
             for ev in evs:
-                if ev is None or not self._own_event(ev):
-                    continue
-                self._note(ev)
-                yield ev
+                if ev is not None and dp._own_event(ev):
+                    dp._note(ev)
+                    self._ready.append(ev)
+
+    async def aclose(self) -> None:
+        self._closed = True
 
 
 def _single_port(ts) -> int:

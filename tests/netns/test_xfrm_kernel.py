@@ -10,7 +10,6 @@ import ipaddress
 import json
 import os
 import select
-import socket
 import subprocess
 import sys
 import time
@@ -18,13 +17,12 @@ import time
 import pytest
 
 from oe_agent.trap.dataplane import DEFAULT_PRIORITY_BASE, DEFAULT_REQID_BASE, RANK_SHUNT
-from tests.conftest import needs, have
+from tests.conftest import have, needs
 
 # The driver: JSON lines in (op, args, kw), JSON lines out ({"ok": ...} or {"error": ...}).
 DRIVER = r'''
 import asyncio, dataclasses, enum, ipaddress, json, socket, sys
 from oe_agent.trap import KernelDataplane, Lifetime, Selector, Template, XfrmError
-from oe_agent.trap.netlink import EventsLost
 
 def plain(v):
     if dataclasses.is_dataclass(v):

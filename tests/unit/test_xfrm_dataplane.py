@@ -360,3 +360,35 @@ async def test_esn_outbound_sa_gets_the_window_too(dp):
                                  remote=ipaddress.ip_address("192.0.2.9")))
     assert seen == [(0x2001, True, 128), (0x2002, True, 128), (0x5001, False, 64),
                     (0x5002, False, 0)]
+
+
+async def test_event_stream_survives_a_timed_out_wait(dp):
+    """wait_for(stream.__anext__(), t) timing out must not end the stream (an async
+    generator would be finished by the cancellation)."""
+    import asyncio
+
+    from oe_agent.trap.netlink import EventsLost
+
+    class Socket:
+        def __init__(self):
+            self.queue = asyncio.Queue()
+
+        async def next(self):
+            return await self.queue.get()
+
+    dp._events = Socket()
+    stream = dp.events()
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(stream.__anext__(), 0.05)
+    ours = {"state_id_daddr": xfrm.addr_bytes(B), "state_id_spi": 0x77, "state_family": 2,
+            "state_reqid": dp.reqid_band.start + 3, "hard": 1}
+    foreign = {**ours, "state_id_spi": 0x78, "state_reqid": 5}
+    await dp._events.queue.put(_wire(xfrm.XFRM_USER_EXPIRE, foreign, xfrm.XFRM_MSG_EXPIRE))
+    await dp._events.queue.put(EventsLost())  # the resync finds nothing tracked: no event
+    await dp._events.queue.put(_wire(xfrm.XFRM_USER_EXPIRE, ours, xfrm.XFRM_MSG_EXPIRE))
+    ev = await asyncio.wait_for(stream.__anext__(), 1)  # the foreign expire is filtered
+    assert (ev.spi, ev.hard) == (0x77, True)
+    assert dp.resyncs == 1
+    await stream.aclose()
+    with pytest.raises(StopAsyncIteration):
+        await stream.__anext__()
