@@ -1,8 +1,8 @@
 """Both sides act at once against charon: mutual initiation, simultaneous Child SA rekey and
 simultaneous IKE SA rekey (RFC 7296 §2.8.1, §2.8.2; product.md §5: one IKE SA and one Child SA
-pair in the end). The rekey requests are made to cross for sure: nftables cuts the engine's
-host off while both sides send, then heals, and their retransmissions meet. Each test then
-asserts the settled outcome: one IKE SA and one Child SA, the same SPIs on both sides."""
+pair in the end). The rekey requests are made to cross for sure with nftables in the engine's
+host (see `cross`). Each test then asserts the settled outcome: one IKE SA and one Child SA,
+the same SPIs on both sides."""
 from __future__ import annotations
 
 import time
@@ -39,6 +39,23 @@ def both_agree(engine, c) -> None:
     assert spi_hex(echild["spi_out"]) == child["spi-in"]
 
 
+PATIENT = {"retransmit_tries": 6}  # charon keeps retransmitting through the partition
+
+
+def cross(engine, engine_request, charon_request) -> None:
+    """Make two requests truly cross: both are sent while the engine's host is cut off; then
+    only requests pass (responses dropped) until each side has received the other's request
+    while its own was unanswered; then the link heals and the retransmissions settle it."""
+    cut = Partition(engine.host)
+    cut.cut()
+    engine_request()
+    charon_request()
+    cut.wait_dropped(1, 1)  # both requests are out (and lost)
+    cut.requests_only()
+    cut.wait_dropped(1, 1, timeout=15)  # each side answered the other's request (answer lost)
+    cut.heal()
+
+
 def test_mutual_initiation(hosts, charon, keypair):
     engine, c = setup_pair(hosts, charon, keypair, "ed25519", "x25519-gcm")
     engine.start()
@@ -53,34 +70,26 @@ def test_mutual_initiation(hosts, charon, keypair):
 
 
 def test_simultaneous_child_rekey(hosts, charon, keypair):
-    engine, c = setup_pair(hosts, charon, keypair, "ed25519", "x25519-gcm")
+    engine, c = setup_pair(hosts, charon, keypair, "ed25519", "x25519-gcm",
+                           charon_opts=PATIENT)
     engine.start()
     engine.send("initiate")
     engine.wait_event("ChildSaEstablished")
     _, child = settled(c, "established")
-    cut = Partition(engine.host)
-    cut.cut()
-    engine.send("rekey_child")
-    c.rekey(child_id=child["uniqueid"])
-    cut.wait_dropped(1, 1)  # both CREATE_CHILD_SA requests are out
-    cut.heal()
+    cross(engine, lambda: engine.send("rekey_child"), lambda: c.rekey(child_id=child["uniqueid"]))
     engine.wait_event("ChildSaRekeyed", timeout=30)
     settled(c, "rekeyed", lambda s, ch: ch["spi-in"] != child["spi-in"])
     both_agree(engine, c)
 
 
 def test_simultaneous_ike_rekey(hosts, charon, keypair):
-    engine, c = setup_pair(hosts, charon, keypair, "ed25519", "x25519-gcm")
+    engine, c = setup_pair(hosts, charon, keypair, "ed25519", "x25519-gcm",
+                           charon_opts=PATIENT)
     engine.start()
     engine.send("initiate")
     engine.wait_event("ChildSaEstablished")
     sa, child = settled(c, "established")
-    cut = Partition(engine.host)
-    cut.cut()
-    engine.send("rekey_ike")
-    c.rekey(ike_id=sa["uniqueid"])
-    cut.wait_dropped(1, 1)
-    cut.heal()
+    cross(engine, lambda: engine.send("rekey_ike"), lambda: c.rekey(ike_id=sa["uniqueid"]))
     engine.wait_event("IkeSaRekeyed", timeout=30)
     settled(c, "IKE rekeyed", lambda s, ch: s["initiator-spi"] != sa["initiator-spi"])
     both_agree(engine, c)

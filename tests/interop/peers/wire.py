@@ -104,6 +104,20 @@ class Partition:
             " chain out { type filter hook output priority -10; policy accept;\n"
             "  udp dport { 500, 4500 } counter drop\n }\n}\n"))
 
+    def requests_only(self) -> None:
+        """Let IKE requests through but drop IKE responses (R flag, RFC 7296 §3.1) on 4500,
+        so two crossed requests both arrive while both are still unanswered."""
+        self.heal()
+        # UDP payload on 4500: non-ESP marker (4 zero bytes), then the IKE header, whose flags
+        # are its byte 19: bits (8 + 4 + 19) * 8 = 248 of the transport header
+        match = "udp dport 4500 @th,64,32 0 @th,250,1 1"
+        self.host.run("nft", "-f", "-", input=(
+            f"table inet {self.TABLE} {{\n"
+            f" chain in {{ type filter hook input priority -10; policy accept;\n"
+            f"  {match} counter drop\n }}\n"
+            f" chain out {{ type filter hook output priority -10; policy accept;\n"
+            f"  {match} counter drop\n }}\n}}\n"))
+
     def dropped(self) -> tuple[int, int]:
         """(packets dropped coming in, going out)."""
         import json
