@@ -286,6 +286,7 @@ def body(args) -> int:
         end = float(sender_log.split("end ")[1].split()[0])
         seen = {p["remote"]: p["state"] for p in st["peer_list"]}
         agent_cpu = cpu_seconds(agent.pid)
+        children_cpu = cpu_seconds(agent.pid, children=True)  # e.g. the nft runs it waited for
         import collections
         end_states = dict(collections.Counter(seen.get(d, "absent") for d in dsts))
         first_poll = polls[0] if polls else None
@@ -330,7 +331,7 @@ def body(args) -> int:
               "dns_queries_other": other, "dns_tcp_queries": q.get("tcp", 0),
               "poll_interval_s": 0.2, "agent_cpu_s": agent_cpu,
               "agent_cpu_ms_per_destination": None if agent_cpu is None else
-              agent_cpu * 1000 / args.n,
+              agent_cpu * 1000 / args.n, "agent_children_cpu_s": children_cpu,
               "status_polls": len(polls), "status_polls_missed": missed,
               "first_status_answer_s": first_poll, "end_states": end_states,
               "agent_log_tail": log_tail}
@@ -354,7 +355,8 @@ def body(args) -> int:
           f"{args.n - len(keyed)}; acquires lost {len(lost)} (target 0); unsettled at the end "
           f"{len(unsettled)}; unexpected outcomes {len(wrong)}; other DNS queries (zone keys, "
           f"the agent's own) {other}; agent CPU {agent_cpu} s from its start to the end "
-          f"({(agent_cpu or 0) * 1000 / args.n:.1f} ms per destination)")
+          f"({(agent_cpu or 0) * 1000 / args.n:.1f} ms per destination), plus {children_cpu} s "
+          "in child processes it ran (nft)")
     out = write_json("acquire_storm", report)
     print(f"wrote {out.relative_to(ROOT)}")
     return 0

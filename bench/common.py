@@ -110,11 +110,13 @@ def write_json(name: str, report: dict) -> Path:
     return out
 
 
-def cpu_seconds(pid: int) -> float | None:
-    """utime + stime of a process (`ip netns exec` execs, so a Host.popen pid is the program)."""
+def cpu_seconds(pid: int, children: bool = False) -> float | None:
+    """utime + stime of a process (`ip netns exec` execs, so a Host.popen pid is the program);
+    `children`: only the CPU of its finished, waited-for children (cutime + cstime)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        i = 13 if children else 11
+        return (int(fields[i]) + int(fields[i + 1])) / os.sysconf("SC_CLK_TCK")
     except (OSError, IndexError, ValueError):
         return None
 
