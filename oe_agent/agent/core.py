@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 UNAUTHENTICATED = "unauthenticated"  # the marker supply_peer_keys takes for AUTH_NULL (RFC 7619)
 HISTORY = 32                         # negotiation history lines kept per peer
 MAX_PEERS = 4096                     # idle peer records kept for `explain` (memory bound)
+GRACE_S = 5.0                        # a superseded SA pair still decrypts this long
 
 
 # --- what the IKE side is asked to do, and what it reports -------------------------------
@@ -175,6 +176,7 @@ class Agent:
         self.started = clock()
         self.queue: asyncio.Queue = asyncio.Queue()
         self._timers: list[tuple[float, int, str, IPAddress]] = []
+        self._doomed: dict[int, ChildSaParams] = {}  # timer seq -> SA pair deleted after grace
         self._seq = itertools.count()
         self._tasks: set[asyncio.Task] = set()
         self._stopping = False
@@ -271,9 +273,11 @@ class Agent:
             p.history.append((now, f"{s.kind.value} shunt ({s.reason}) expired after {s.lifetime:.0f}s"))
             await self._input(p, PeerInput.SHUNT_EXPIRED, s)
         while self._timers and self._timers[0][0] <= now:
-            _, _, kind, addr = heapq.heappop(self._timers)
+            _, seq, kind, addr = heapq.heappop(self._timers)
             if kind == "idle":
                 await self._idle_check(addr, now)
+            elif kind == "del":
+                await self._dp_del(self._doomed.pop(seq))
 
     async def stop(self) -> None:
         """Clean stop: delete SAs and everything installed, unless keep_sas_on_stop."""
@@ -286,6 +290,9 @@ class Agent:
             await asyncio.sleep(0.01)
         for t in list(self._tasks):
             t.cancel()
+        for params in self._doomed.values():
+            await self._dp_del(params)
+        self._doomed.clear()
         keep = self.config.keep_sas_on_stop
         if not keep:
             for p in list(self.peers.values()):
@@ -373,7 +380,15 @@ class Agent:
         else:
             gone = list(p.children.values())
         for c in gone:
-            await self._del_child(p, c)
+            if len(p.children) > 1:
+                # another pair carries the traffic: packets already in flight on this one (the
+                # tie-break's loser, a restarted peer's old pair) still decrypt for a moment
+                self._forget_child(p, c)
+                seq = next(self._seq)
+                self._doomed[seq] = c
+                heapq.heappush(self._timers, (self.clock() + GRACE_S, seq, "del", p.remote))
+            else:
+                await self._del_child(p, c)
         why = _GONE_WORDS.get(ev.reason, ev.reason or "deleted")
         if gone:
             p.history.append((self.clock(), f"SA deleted ({why})"))
@@ -645,8 +660,14 @@ class Agent:
     # --- helpers ---------------------------------------------------------------------------------
 
     async def _del_child(self, p: Peer, c: ChildSaParams) -> None:
+        self._forget_child(p, c)
+        await self._dp_del(c)
+
+    def _forget_child(self, p: Peer, c: ChildSaParams) -> None:
         p.children.pop(c.spi_in, None)
         p.child_ike.pop(c.spi_in, None)
+
+    async def _dp_del(self, c: ChildSaParams) -> None:
         try:
             await self.dataplane.del_child_sa(c)
         except Exception as e:  # already gone (hard expire) is fine

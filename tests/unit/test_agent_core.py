@@ -271,7 +271,11 @@ async def test_peer_restart_new_ike_sa_then_old_one_goes():
     assert set(dp.sas) == {0x100, 0x700}  # the new pair is in at once
     # the old IKE SA dies (liveness, the peer's Delete, or the tie-break): only its SAs go
     await agent.handle(ChildGone(POC, None, reason="dead-peer", ike_id=1))
-    assert set(dp.sas) == {0x700} and agent.peers[POC].state is PeerState.UP
+    assert set(agent.peers[POC].children) == {0x700} and agent.peers[POC].state is PeerState.UP
+    assert set(dp.sas) == {0x100, 0x700}  # the old pair still decrypts for a moment
+    clock.t += 5
+    await agent.on_timers(clock())
+    assert set(dp.sas) == {0x700}
 
 
 async def test_crossing_initiations_loser_deleted_keeps_winner():
@@ -283,7 +287,10 @@ async def test_crossing_initiations_loser_deleted_keeps_winner():
     # the engine's tie-break deletes one IKE SA with its Child SA; either may lose
     await agent.handle(ChildGone(POC, 0x100, reason="ike-deleted", ike_id=1))
     await agent.handle(ChildGone(POC, None, reason="superseded", ike_id=1))
-    assert set(dp.sas) == {0x200} and agent.peers[POC].state is PeerState.UP
+    assert set(agent.peers[POC].children) == {0x200} and agent.peers[POC].state is PeerState.UP
+    clock.t += 5
+    await agent.on_timers(clock())
+    assert set(dp.sas) == {0x200}
 
 
 async def test_hard_expire_of_last_sa_restores_trap():
