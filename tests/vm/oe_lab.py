@@ -14,11 +14,14 @@ import contextlib
 import io
 import ipaddress
 import json
+import os
 import re
 import selectors
 import signal
 import socket
+import shutil
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -81,9 +84,13 @@ class Agent:
     def name(self) -> str:
         return self.host.name
 
+    sockdir: Path | None = None
+
     @property
     def sock(self) -> Path:
-        return self.host.workdir / "ctl.sock"
+        """Control socket: in the guest's own /tmp, since a 9p share (vmrun --rw) cannot hold
+        a unix socket (ENXIO)."""
+        return (self.sockdir or self.host.workdir) / f"{self.name}.sock"
 
     def addr(self, v6: bool = False) -> str:
         return self.host.v6 if v6 else self.host.v4
@@ -293,6 +300,7 @@ class OeLab:
     echo: Echo | None = None
     keys: dict = field(default_factory=dict)
     unpublished: set = field(default_factory=set)  # addresses left out of the zone
+    sockdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="oe-ctl-")))
 
     def add(self, group: str | dict, published: bool = True, extra: str = "",
             v4s: list[str] = (), v6s: list[str] = ()) -> Agent:
@@ -308,7 +316,7 @@ class OeLab:
         write_private_key(h.workdir / "hostkey.pem", key)
         self.keys[h.name] = key
         ag = Agent(h, group if isinstance(group, str) else "mixed", published, extra=extra,
-                   v4s=list(v4s) or [h.v4], v6s=list(v6s) or [h.v6])
+                   v4s=list(v4s) or [h.v4], v6s=list(v6s) or [h.v6], sockdir=self.sockdir)
         self.set_groups(ag, group if isinstance(group, dict)
                         else {group: "192.0.2.0/24\n2001:db8::/64\n"})
         self.agents.append(ag)
@@ -433,6 +441,18 @@ class OeLab:
         for ag in self.agents:
             if ag.proc is not None and ag.proc.poll() is None:
                 self.stop(ag)
+        shutil.rmtree(self.sockdir, ignore_errors=True)
+
+    def keep_logs(self) -> None:
+        """$OE_VM_LOGS set (a vmrun --rw dir): copy the lab's logs, configs and zones there."""
+        dest = os.environ.get("OE_VM_LOGS")
+        if not dest:
+            return
+        shutil.copytree(self.factory.workdir, Path(dest) / self.factory.workdir.name,
+                        dirs_exist_ok=True,
+                        ignore=lambda d, names: [n for n in names if not (
+                            os.path.isdir(os.path.join(d, n)) or os.path.isfile(os.path.join(d, n)))
+                            or n.endswith(".db") or n == "libexec-add"])
 
 
 def merge_toml(*parts: str) -> str:
@@ -511,6 +531,7 @@ def shared_lab(request, tmp_path_factory) -> SharedLab:
     factory = HostFactory(tmp_path_factory.mktemp("oe-lab"))
     lab = OeLab(factory)
     request.config.add_cleanup(factory.close)
+    request.config.add_cleanup(lab.keep_logs)
     request.config.add_cleanup(lab.close)
     a_groups = {g: [] for g in GROUPS}
     b_groups = {g: [] for g in GROUPS}
