@@ -32,7 +32,11 @@ def both_agree(engine, c) -> None:
     try:
         sa, child = settled(c, "one IKE SA and one Child SA on charon")
     except TimeoutError as e:
-        raise AssertionError(f"{e}\nengine: {engine.status()}") from None
+        notes = [ln for ln in c.log_text().splitlines()
+                 if "destroying duplicate" in ln or " established between" in ln
+                 or "received DELETE for IKE_SA" in ln]
+        raise AssertionError(f"{e}\nengine: {engine.status()}\ncharon:\n" + "\n".join(notes)) \
+            from None
     esa, echild = engine_settled(engine)
     assert (esa["spi_i"], esa["spi_r"]) == (sa["initiator-spi"], sa["responder-spi"])
     assert spi_hex(echild["spi_in"]) == child["spi-out"]
