@@ -17,10 +17,18 @@ Hold (product.md §3): the kernel queues the packets. `start()` sets the namespa
 `net.core.xfrm_larval_drop` to 0, so a packet that hits a trap or hold policy while its SA is
 negotiated waits on that policy's queue (at most 100 packets per policy, purged after 60 s:
 bounded per destination, since a hold shunt is a per-pair policy). Replacing the hold shunt by
-the SA's out policy (UPDPOLICY) moves the queue to the new policy and sends it at once; packets
-queued on a group trap go out on the kernel's next retry. An agent-side queue would need the
-packets in userspace, which XFRM does not hand out; the larval queue is free and already
-bounded. The previous sysctl value is restored by `stop()`.
+the SA's (or the failure shunt's) out policy with UPDPOLICY moves the queue to the new policy
+and sends it at once; packets queued on the group trap that caught the ACQUIRE are released
+the same way by re-installing that trap unchanged (`release_held`). Under a drop shunt they are
+dropped, under pass sent in the clear. An agent-side queue would need the packets in
+userspace, which XFRM does not hand out; the larval queue is free and already bounded. The
+previous sysctl value is restored by `stop()`. The negotiation's larval state is retired when
+a failure shunt is set (ALLOCSPI with its seq, then DELSA), so a restored trap acquires again
+at once rather than after `net.core.xfrm_acq_expires`.
+
+Rekeying (RFC 7296 §2.8): a ChildSaParams with reqid 0 for a pair that already has an SA
+takes that pair's reqid, so the in policy accepts both the old and the new SA while both
+exist; policies are owned per selector, so deleting the old pair keeps the new one's.
 """
 from __future__ import annotations
 
