@@ -35,8 +35,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (ROOT, BenchError, cpu_seconds, lab, need_root, need_tools, positive,  # noqa: E402
-                    run_main, summary, table, write_json)
+from common import (ROOT, BenchError, cpu_seconds, lab, need_root, need_tools,  # noqa: E402
+                    positive, run_main, summary, table, write_json)
 
 DNS_V4, DNS_V6 = "192.0.2.53", "2001:db8::53"
 V6_NET = "2001:db8:b::/64"
@@ -350,7 +350,8 @@ def body(args) -> int:
     print(f"states at the end: {end_states}; first /status answer after the storm began: "
           f"{first_poll if first_poll is None else round(first_poll, 2)} s, "
           f"{missed} polls timed out (10 s each)")
-    print(f"all settled {settle_all if settle_all is None else round(settle_all, 2)} s after the storm's first packet; "
+    when = "never" if settle_all is None else f"{settle_all:.2f} s"
+    print(f"all settled: {when} after the storm's first packet; "
           f"keyed up {keyed_up}/{len(keyed)}, unkeyed shunted {unkeyed_shunted}/"
           f"{args.n - len(keyed)}; acquires lost {len(lost)} (target 0); unsettled at the end "
           f"{len(unsettled)}; unexpected outcomes {len(wrong)}; other DNS queries (zone keys, "

@@ -37,8 +37,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (ROOT, BenchError, cpu_seconds, lab, need_charon, need_root, positive,  # noqa: E402
-                    run_main, summary, table, write_json)
+from common import (ROOT, BenchError, cpu_seconds, lab, need_charon,  # noqa: E402
+                    need_root, positive, run_main, summary, table, write_json)
 
 IKE_PROPOSAL = "aes256gcm16-prfsha256-x25519"
 ESP_PROPOSAL = "aes128gcm16"

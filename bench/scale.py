@@ -38,7 +38,8 @@ import tracemalloc
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, BenchError, need_memory, positive, run_main, table, write_json  # noqa: E402
+from common import (ROOT, BenchError, need_memory, positive, run_main, table,  # noqa: E402
+                    write_json)
 
 AGENT = ipaddress.ip_address("2001:db8::1")
 MAX_N = 50000
@@ -187,7 +188,8 @@ async def idle(ep, dp, clock: Clock, seconds: float) -> dict:
         ep.datagrams_to_send(clock())
         ep.get_timer()
     flush_ms = (time.process_time() - c0) * 1000 / 5
-    return {"adapter_flush_cpu_ms": flush_ms,"seconds": wall, "wakeups": wakeups, "wakeups_per_s": wakeups / wall,
+    return {"adapter_flush_cpu_ms": flush_ms, "seconds": wall, "wakeups": wakeups,
+            "wakeups_per_s": wakeups / wall,
             "wakeups_with_due_timer": due_wakeups,
             "wakeups_beyond_due_timers": wakeups - due_wakeups,
             "ike_sa_timers_due": ike_due, "dataplane_polls_due": dp_due,
