@@ -251,7 +251,8 @@ def body(args) -> int:
         print(f"agent up: dataplane {st['dataplane']}; {len(keyed)} keyed + "
               f"{args.n - len(keyed)} unkeyed destinations; storm over {args.spread:g} s",
               flush=True)
-        # the storm
+        # the storm; the agent's CPU is counted from here (not its start-up)
+        cpu_start = cpu_seconds(agent.pid) or 0.0
         (a.workdir / "sender.py").write_text(SENDER)
         sender = a.popen(sys.executable, str(a.workdir / "sender.py"), str(args.spread), *dsts,
                          log="sender.log")
@@ -286,6 +287,7 @@ def body(args) -> int:
         end = float(sender_log.split("end ")[1].split()[0])
         seen = {p["remote"]: p["state"] for p in st["peer_list"]}
         agent_cpu = cpu_seconds(agent.pid)
+        agent_cpu = None if agent_cpu is None else agent_cpu - cpu_start
         children_cpu = cpu_seconds(agent.pid, children=True)  # e.g. the nft runs it waited for
         import collections
         end_states = dict(collections.Counter(seen.get(d, "absent") for d in dsts))
@@ -355,7 +357,7 @@ def body(args) -> int:
           f"keyed up {keyed_up}/{len(keyed)}, unkeyed shunted {unkeyed_shunted}/"
           f"{args.n - len(keyed)}; acquires lost {len(lost)} (target 0); unsettled at the end "
           f"{len(unsettled)}; unexpected outcomes {len(wrong)}; other DNS queries (zone keys, "
-          f"the agent's own) {other}; agent CPU {agent_cpu} s from its start to the end "
+          f"the agent's own) {other}; agent CPU {agent_cpu:.2f} s from the storm to the end "
           f"({(agent_cpu or 0) * 1000 / args.n:.1f} ms per destination), plus {children_cpu} s "
           "in child processes it ran (nft)")
     out = write_json("acquire_storm", report)
