@@ -420,12 +420,10 @@ class Agent:
             self._supply(p)
             return
         reason, detail = verdict
-        # an IKE SA waiting for keys is refused (the peer hears AUTHENTICATION_FAILED and
-        # fails fast instead of retransmitting); one that is not waiting yet is dropped
+        # Every IKE SA with the peer is refused when it asks for the keys, now or later: the
+        # peer hears AUTHENTICATION_FAILED and fails (and removes a half-made SA) at once,
+        # instead of retransmitting into silence. Our shunt does not wait for that.
         self._supply(p)
-        for ike_id in list(p.negotiations):
-            if self.ike:
-                self.ike.abort(p.remote, ike_id, reason)
         p.negotiations.clear()
         await self._input(p, PeerInput.FAILED, Failed(p.remote, reason, detail=detail))
 

@@ -156,6 +156,7 @@ class IkeLinkAdapter:
         self._pump()
 
     def _pump(self) -> None:
+        """Send what the engine wrote and post its events to the core."""
         now = self.clock()
         for dg in self.endpoint.datagrams_to_send(now):
             self._send(dg)
