@@ -54,6 +54,13 @@ def oe_pluto(request, tmp_path_factory, esp_kernel):
         lab.launch(d)
         for p in plutos:
             p.start(timeout=60)
+            # start() re-adds each conn by name, which leaves the OE group unrouted: load the
+            # policy groups and route them (trap policies for D, pass for the DNS server)
+            p.whack("--listen", check=False)
+            for name in OE_CONNS:
+                p.whack("--route", "--name", name, check=False)
+            poll(lambda: D4 in p.host.run("ip", "xfrm", "policy").stdout,
+                 f"pluto's trap policy for {D4}: {p.tail(20)}", 30)
         lab.wait_up(d)
         lab.echo.serve(d.host, [D4])
         for p in plutos:
