@@ -17,7 +17,8 @@ import ipaddress
 import struct
 from collections import deque
 from dataclasses import dataclass, field, replace
-from functools import lru_cache
+from functools import lru_cache, wraps
+from heapq import heapify, heappop, heappush
 from typing import Any, Callable
 
 from cryptography.hazmat.primitives import hashes
@@ -218,6 +219,17 @@ def _error_notify(msg: Message) -> Notify | None:
                 None)
 
 
+def _watched(method):
+    """Tell the owning IkeEndpoint that this SA may have new output, events or a new timer
+    (the endpoint then drains and re-times only the SAs touched since, not all of them)."""
+    @wraps(method)
+    def call(self, *args, **kw):
+        if self._watch is not None:
+            self._watch(self)
+        return method(self, *args, **kw)
+    return call
+
+
 class IkeSa:
     """One IKE SA (and its Child SAs) with one peer. `initiator`: we start it with connect()."""
 
@@ -261,6 +273,7 @@ class IkeSa:
         self._first_ni = b""
         self._last_ctx: dict = {}  # the request a response answers (set before dispatch)
         self._auth_ctx: dict = {}  # our IKE_AUTH's Child SA offer
+        self._watch: Callable[[IkeSa], None] | None = None  # set by the owning IkeEndpoint
 
     # ------------------------------------------------------------------ public API
     @property
@@ -295,10 +308,12 @@ class IkeSa:
         return (f"<IkeSa {self._ks.spi_i.hex()}/{self._ks.spi_r.hex()} {self.local}->"
                 f"{self.remote} {self.state.value}>")
 
+    @_watched
     def connect(self, now: float) -> None:
         """Start IKE_SA_INIT (initiator). Peer keys may arrive later (supply_peer_keys)."""
         self._dispatch(Input.CONNECT, self._ks, None, now)
 
+    @_watched
     def supply_peer_keys(self, keys, now: float) -> None:
         """The peer's public keys (from DNS); UNAUTHENTICATED in `keys` allows AUTH_NULL."""
         keys = tuple(keys)
@@ -307,6 +322,7 @@ class IkeSa:
         if self.state == IkeState.KEYS_WAIT:
             self._dispatch(Input.KEYS, self._ks, None, now)
 
+    @_watched
     def rekey_child(self, spi_in: int, now: float) -> None:
         """CREATE_CHILD_SA with REKEY_SA for the Child SA we receive on with `spi_in` (§1.3.3)."""
         child = self.children.get(spi_in)
@@ -316,12 +332,14 @@ class IkeSa:
         child.state = ChildState.REKEYING
         self._send_create_child(now, rekey=child)
 
+    @_watched
     def create_child(self, now: float, ts_local=None, ts_remote=None) -> None:
         """An additional Child SA on this IKE SA (§1.3.1)."""
         if self.state == IkeState.ESTABLISHED:
             self._send_create_child(now, ts=(tuple(ts_local or self._ts_local()),
                                              tuple(ts_remote or self._ts_remote())))
 
+    @_watched
     def rekey(self, now: float) -> None:
         """Rekey the IKE SA itself (§1.3.2); Child SAs move to the new one."""
         if self.state != IkeState.ESTABLISHED or self._rekeying_ike():
@@ -334,6 +352,7 @@ class IkeSa:
                       [sa, Nonce(ni), KeyExchange(dh.group, dh.public)], "ike-rekey",
                       {"spi": spi, "ni": ni, "dh": dh}, now)
 
+    @_watched
     def delete_child(self, spi_in: int, now: float) -> None:
         child = self.children.get(spi_in)
         if child is None or self.state != IkeState.ESTABLISHED:
@@ -343,6 +362,7 @@ class IkeSa:
                       [Delete(ProtocolId.ESP, (spi_in.to_bytes(4, "big"),))], "delete-child",
                       {"spis": [spi_in]}, now)
 
+    @_watched
     def delete(self, now: float) -> None:
         """Delete the IKE SA and with it every Child SA (§1.4.1)."""
         if self.state in (IkeState.ESTABLISHED,):
@@ -353,11 +373,13 @@ class IkeSa:
         elif self.state != IkeState.CLOSED:
             self._close(now, None)
 
+    @_watched
     def check_liveness(self, now: float) -> None:
         """An empty INFORMATIONAL request (§1.4); no answer after the retransmissions = dead."""
         if self.state == IkeState.ESTABLISHED:
             self._request(self._ks, ExchangeType.INFORMATIONAL, [], "liveness", {}, now)
 
+    @_watched
     def receive_datagram(self, data: bytes, addr: tuple, now: float,
                          local_port: int | None = None) -> None:
         """One IKE message (non-ESP marker already stripped) from addr = (ip, port).
@@ -388,6 +410,7 @@ class IkeSa:
                 times.append(self._last_heard + self.config.liveness_interval)
         return min(times) if times else None
 
+    @_watched
     def handle_timer(self, now: float) -> None:
         if self.state == IkeState.CLOSED:
             return
@@ -1354,6 +1377,10 @@ class IkeEndpoint:
     SAs join the same address pair, one initiated by each side, the one whose IKE_SA_INIT
     carried the lower Ni (bytewise) survives; the initiator of the other deletes it, with its
     Child SAs. Both sides see both nonces, so both agree without a message of their own.
+
+    Work per datagram or timer does not grow with the number of SAs: every SA tells the
+    endpoint when one of its methods runs (it is then "dirty": only dirty SAs are drained and
+    re-timed), deadlines sit in a heap with lazy invalidation, and SAs are indexed by peer.
     """
 
     def __init__(self, rng: Rng, responder_config: Callable[[IPAddress, IPAddress],
@@ -1368,26 +1395,37 @@ class IkeEndpoint:
         self._by_spi: dict[bytes, IkeSa] = {}
         self._spis_of: dict[int, set[bytes]] = {}
         self._half_open: dict[tuple[IPAddress, bytes], IkeSa] = {}
+        self._half_open_key: dict[IkeSa, tuple[IPAddress, bytes]] = {}
         self._events: deque[tuple[IkeSa, IkeEvent]] = deque()
         self._out: list[Datagram] = []
         self.dropped = 0  # datagrams that fit no SA (or were refused)
+        self._order: dict[IkeSa, int] = {}  # live SAs -> creation number (the order of `sas`)
+        self._made = 0
+        self._dirty: dict[IkeSa, None] = {}  # touched since last drained (insertion-ordered)
+        self._by_remote: dict[IPAddress, list[IkeSa]] = {}  # in `sas` order (find, settling)
+        self._init_done: dict[IkeSa, None] = {}  # SAs in INIT_DONE (the half-open count)
+        self._timer_of: dict[IkeSa, float | None] = {}  # deadline last pushed for the SA
+        self._heap: list[tuple[float, int, IkeSa]] = []  # (deadline, seq, sa); lazy deletes
+        self._seq = 0
 
     @property
     def half_open(self) -> int:
-        return sum(1 for sa in self.sas if sa.state == IkeState.INIT_DONE)
+        for sa in self._dirty:
+            self._note_state(sa)
+        return len(self._init_done)
 
     def connect(self, config: IkeConfig, local, remote, now: float,
                 remote_port: int | None = None) -> IkeSa:
         sa = IkeSa(config, local, remote, initiator=True, rng=self._rng,
                    remote_port=remote_port)
-        self.sas.append(sa)
+        self._add(sa)
         sa.connect(now)
         self._after(sa, now)
         return sa
 
     def find(self, remote) -> list[IkeSa]:
         remote = ipaddress.ip_address(remote)
-        return [sa for sa in self.sas if sa.remote == remote]
+        return list(self._by_remote.get(remote, ()))
 
     def receive_datagram(self, data: bytes, local: tuple, remote: tuple, now: float) -> None:
         """An IKE message (marker stripped) that arrived on local=(ip, port) from remote."""
@@ -1436,20 +1474,40 @@ class IkeEndpoint:
                 return None
         sa = IkeSa(config, laddr, raddr, initiator=False, rng=self._rng, remote_port=rport,
                    local_port=lport)
-        self.sas.append(sa)
+        self._add(sa)
         self._half_open[(raddr, h.spi_i)] = sa
+        self._half_open_key[sa] = (raddr, h.spi_i)
         return sa
 
     def handle_timer(self, now: float) -> None:
-        for sa in list(self.sas):
-            t = sa.get_timer()
-            if t is not None and t <= now:
-                sa.handle_timer(now)
-                self._after(sa, now)
+        """Run the SAs whose deadline has come (in the order of `sas`), and only those."""
+        self._retime_dirty()
+        due: list[IkeSa] = []
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            t, _, sa = heappop(heap)
+            if self._timer_of.get(sa, _GONE) == t:  # else a stale entry
+                del self._timer_of[sa]  # popped: the next _schedule pushes again
+                due.append(sa)
+        due.sort(key=lambda sa: self._order.get(sa, -1))
+        for sa in due:
+            if sa in self._order:
+                t = sa.get_timer()
+                if t is not None and t <= now:
+                    sa.handle_timer(now)
+                    self._after(sa, now)
+                    continue
+                self._schedule(sa)
 
     def get_timer(self) -> float | None:
-        times = [t for t in (sa.get_timer() for sa in self.sas) if t is not None]
-        return min(times) if times else None
+        self._retime_dirty()
+        heap = self._heap
+        while heap:
+            t, _, sa = heap[0]
+            if self._timer_of.get(sa, _GONE) == t:
+                return t
+            heappop(heap)
+        return None
 
     def collect(self, sa: IkeSa, now: float) -> None:
         """Take in what `sa` produced after a direct call (sa.rekey_child(...), ...)."""
@@ -1457,8 +1515,9 @@ class IkeEndpoint:
 
     def datagrams_to_send(self, now: float) -> list[Datagram]:
         """Everything to send, including what direct IkeSa calls produced since."""
-        for sa in list(self.sas):
-            self._after(sa, now)
+        while self._dirty:
+            for sa in sorted(self._dirty, key=lambda sa: self._order.get(sa, -1)):
+                self._after(sa, now)
         out, self._out = self._out, []
         return out
 
@@ -1468,6 +1527,7 @@ class IkeEndpoint:
 
     def _after(self, sa: IkeSa, now: float) -> None:
         """Collect what `sa` produced, re-index its SPIs, settle duplicates, forget closed."""
+        self._dirty.pop(sa, None)
         self._out.extend(sa.datagrams_to_send(now))
         established = False
         while (ev := sa.next_event()) is not None:
@@ -1484,12 +1544,14 @@ class IkeEndpoint:
             self._settle_duplicate(sa, now)
         if sa.state == IkeState.CLOSED:
             self._forget(sa)
+        elif sa in self._order:
+            self._note_state(sa)
+            self._schedule(sa)
 
     def _settle_duplicate(self, sa: IkeSa, now: float) -> None:
-        for other in self.sas:
+        for other in self._by_remote.get(sa.remote, ()):
             if (other is sa or other.state != IkeState.ESTABLISHED
-                    or other.remote != sa.remote or other.local != sa.local
-                    or other.initiated == sa.initiated):
+                    or other.local != sa.local or other.initiated == sa.initiated):
                 continue
             loser = sa if sa.first_ni > other.first_ni else other
             if loser.initiated:
@@ -1499,11 +1561,61 @@ class IkeEndpoint:
                     self._events.append((loser, ev))
             return
 
+    def _add(self, sa: IkeSa) -> None:
+        self.sas.append(sa)
+        self._order[sa] = self._made
+        self._made += 1
+        self._by_remote.setdefault(sa.remote, []).append(sa)
+        sa._watch = self._touch
+
+    def _touch(self, sa: IkeSa) -> None:
+        self._dirty[sa] = None
+
+    def _note_state(self, sa: IkeSa) -> None:
+        if sa.state == IkeState.INIT_DONE and sa in self._order:
+            self._init_done[sa] = None
+        else:
+            self._init_done.pop(sa, None)
+
+    def _retime_dirty(self) -> None:
+        """Deadlines of SAs touched but not yet drained (direct IkeSa calls)."""
+        for sa in self._dirty:
+            if sa in self._order:
+                self._schedule(sa)
+
+    def _schedule(self, sa: IkeSa) -> None:
+        """Push the SA's deadline unless the heap already holds it (lazy invalidation:
+        an entry counts only while it equals _timer_of[sa])."""
+        t = sa.get_timer()
+        if self._timer_of.get(sa, _GONE) == t:
+            return
+        self._timer_of[sa] = t
+        if t is None:
+            return
+        self._seq += 1
+        heappush(self._heap, (t, self._seq, sa))
+        if len(self._heap) > 2 * len(self._timer_of) + 64:  # stale entries: rebuild, O(1)
+            self._heap = [(t, i, s) for i, (s, t) in enumerate(self._timer_of.items())
+                          if t is not None]
+            self._seq = len(self._heap)
+            heapify(self._heap)
+
     def _forget(self, sa: IkeSa) -> None:
-        if sa in self.sas:
+        if self._order.pop(sa, None) is not None:
             self.sas.remove(sa)
+            self._by_remote[sa.remote].remove(sa)
+            if not self._by_remote[sa.remote]:
+                del self._by_remote[sa.remote]
+        sa._watch = None
+        self._dirty.pop(sa, None)
+        self._timer_of.pop(sa, None)
+        self._init_done.pop(sa, None)
         for k in self._spis_of.pop(id(sa), set()):
             if self._by_spi.get(k) is sa:
                 del self._by_spi[k]
-        for k in [k for k, v in self._half_open.items() if v is sa]:
-            del self._half_open[k]
+        key = self._half_open_key.pop(sa, None)
+        if key is not None and self._half_open.get(key) is sa:
+            del self._half_open[key]
+
+
+_GONE = object()  # "no deadline recorded" (distinct from None = "no timer")
