@@ -1594,7 +1594,12 @@ class IkeEndpoint:
             return
         self._seq += 1
         heappush(self._heap, (t, self._seq, sa))
-        if len(self._heap) > 2 * len(self._timer_of) + 64:  # stale entries: rebuild, O(1)
+        self._compact()
+
+    def _compact(self) -> None:
+        """Rebuild the heap once stale entries outnumber live ones (amortised O(1); stale
+        entries would otherwise keep closed SAs alive until their old deadline)."""
+        if len(self._heap) > 2 * len(self._timer_of) + 64:
             self._heap = [(t, i, s) for i, (s, t) in enumerate(self._timer_of.items())
                           if t is not None]
             self._seq = len(self._heap)
@@ -1616,6 +1621,7 @@ class IkeEndpoint:
         key = self._half_open_key.pop(sa, None)
         if key is not None and self._half_open.get(key) is sa:
             del self._half_open[key]
+        self._compact()
 
 
 _GONE = object()  # "no deadline recorded" (distinct from None = "no timer")

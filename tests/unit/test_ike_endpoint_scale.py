@@ -2,7 +2,9 @@
 (which IkeSa objects get asked for output or deadlines), never timed."""
 from __future__ import annotations
 
+import gc
 import ipaddress
+import weakref
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
@@ -109,3 +111,20 @@ def test_indexes_follow_closing(crowd):
     assert h.a.find(B) == [] and live not in h.a.sas
     assert h.a.get_timer() == brute_force_timer(h.a)
     assert h.a.half_open == sum(1 for sa in h.a.sas if sa.state == IkeState.INIT_DONE)
+
+
+def test_closed_sas_are_not_kept(crowd):
+    """Deadlines of closed SAs left in the timer heap must not keep those SAs alive."""
+    h, live = crowd
+    idle = [sa for sa in h.a.sas if sa is not live]
+    ref = weakref.ref(idle[0])
+    for sa in idle:
+        sa.delete(h.now)  # half-open: closes at once
+    h.a.datagrams_to_send(h.now)
+    while h.a.next_event() is not None:
+        pass
+    del idle, sa
+    gc.collect()
+    assert ref() is None
+    assert h.a.sas == [live]
+    assert h.a.get_timer() == live.get_timer()
