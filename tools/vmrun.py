@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+GUEST_TMPFS = (Path("/tmp"), Path("/var/tmp"), Path("/run"), Path("/dev/shm"))
 CACHE = Path(os.environ.get("VMRUN_CACHE", REPO / "tools" / ".cache" / "vm"))
 QEMU = "qemu-system-x86_64"
 BUSYBOX = Path("/bin/busybox")
@@ -338,6 +339,12 @@ def run(args: argparse.Namespace) -> int:
     for d in rw:
         d.mkdir(parents=True, exist_ok=True)
     cwd = Path(args.cwd).resolve() if args.cwd else REPO
+    # The guest mounts fresh tmpfs on these; a clone under one (CI may clone into /tmp) would
+    # vanish there, so such a repo or working directory is shared at the same path instead.
+    for d in (REPO, cwd):
+        if any(d.is_relative_to(t) for t in GUEST_TMPFS) and not any(
+                d.is_relative_to(r) for r in rw):
+            rw.append(d)
     if not args.no_precompile:
         precompile([REPO / d for d in ("oe_agent", "tests", "bench")])
 
