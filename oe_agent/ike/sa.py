@@ -274,6 +274,8 @@ class IkeSa:
         self._last_ctx: dict = {}  # the request a response answers (set before dispatch)
         self._auth_ctx: dict = {}  # our IKE_AUTH's Child SA offer
         self._watch: Callable[[IkeSa], None] | None = None  # set by the owning IkeEndpoint
+        # "another IKE SA with our peer is up or being set up" (set by the IkeEndpoint)
+        self._peer_busy: Callable[[IkeSa], bool] | None = None
 
     # ------------------------------------------------------------------ public API
     @property
@@ -815,7 +817,9 @@ class IkeSa:
             pid = self.config.peer_id
             payloads.append(IdResponder(pid.id_type, pid.data))
         payloads.append(self._our_auth(ks, idi.to_bytes()))
-        if self.config.initial_contact:
+        if self.config.initial_contact and not (self._peer_busy and self._peer_busy(self)):
+            # only when no other IKE SA with the peer exists or is being set up: the peer
+            # would drop that one as stale (RFC 7296 §2.4)
             payloads.append(Notify(NotifyType.INITIAL_CONTACT))
         spi = self._new_child_spi()
         offer = with_spi(without_dh(self.config.esp_offer()), spi.to_bytes(4, "big"))
@@ -1375,8 +1379,10 @@ class IkeEndpoint:
 
     Mutual initiation (both sides initiate to each other at once): when two established IKE
     SAs join the same address pair, one initiated by each side, the one whose IKE_SA_INIT
-    carried the lower Ni (bytewise) survives; the initiator of the other deletes it, with its
-    Child SAs. Both sides see both nonces, so both agree without a message of their own.
+    carried the lower Ni (bytewise) survives and we delete the other, with its Child SAs,
+    whichever side initiated it: a peer without this rule (charon) would keep both. Both sides
+    see both nonces, so two oe-agents delete the same SA; their crossing Deletes are harmless
+    (§1.4.1). INITIAL_CONTACT goes out only when no other IKE SA with the peer exists.
 
     Work per datagram or timer does not grow with the number of SAs: every SA tells the
     endpoint when one of its methods runs (it is then "dirty": only dirty SAs are drained and
@@ -1554,8 +1560,8 @@ class IkeEndpoint:
                     or other.local != sa.local or other.initiated == sa.initiated):
                 continue
             loser = sa if sa.first_ni > other.first_ni else other
-            if loser.initiated:
-                loser.delete(now)
+            if loser.state == IkeState.ESTABLISHED:
+                loser.delete(now)  # either end may delete (§1.4.1), whoever initiated it
                 self._out.extend(loser.datagrams_to_send(now))
                 while (ev := loser.next_event()) is not None:
                     self._events.append((loser, ev))
@@ -1567,6 +1573,12 @@ class IkeEndpoint:
         self._made += 1
         self._by_remote.setdefault(sa.remote, []).append(sa)
         sa._watch = self._touch
+        sa._peer_busy = self._peer_busy
+
+    def _peer_busy(self, sa: IkeSa) -> bool:
+        """Another IKE SA with sa's peer is established or being set up (no INITIAL_CONTACT)."""
+        return any(o is not sa and o.local == sa.local and o.state != IkeState.CLOSED
+                   for o in self._by_remote.get(sa.remote, ()))
 
     def _touch(self, sa: IkeSa) -> None:
         self._dirty[sa] = None
@@ -1611,7 +1623,7 @@ class IkeEndpoint:
             self._by_remote[sa.remote].remove(sa)
             if not self._by_remote[sa.remote]:
                 del self._by_remote[sa.remote]
-        sa._watch = None
+        sa._watch = sa._peer_busy = None
         self._dirty.pop(sa, None)
         self._timer_of.pop(sa, None)
         self._init_done.pop(sa, None)
