@@ -26,6 +26,7 @@ from oe_agent.config import Config
 from oe_agent.errors import UserError
 from oe_agent.ike import auth as ikeauth
 from oe_agent.ike import events as ev
+from oe_agent.ike.keylog import KeyLogWriter
 from oe_agent.ike.payloads import IdInitiator
 from oe_agent.ike.sa import Datagram, IkeConfig, IkeEndpoint, IkeSa
 from oe_agent.model import IPAddress, Mode, TrafficSelector
@@ -74,6 +75,8 @@ class IkeLinkAdapter:
         self._socks: dict[tuple[IPAddress, int], socket.socket] = {}
         self._timer: asyncio.Task | None = None
         self._wake: asyncio.Event | None = None
+        # agent.keylog: Wireshark's key tables (product §7); off unless configured.
+        self.keylog = KeyLogWriter(cfg.keylog) if cfg.keylog else None
 
     # --- IkeLink (called by the core task) -------------------------------------------------------
 
@@ -166,10 +169,20 @@ class IkeLinkAdapter:
                 self.agent.post(IkeRequest(sa.remote, sa.local, ike_id=sa))
         while (item := self.endpoint.next_event()) is not None:
             sa, e = item
+            if self.keylog is not None:
+                self._log_keys(sa, e)
             for inp in self._translate(sa, e):
                 self.agent.post(inp)
         if self._wake is not None:
             self._wake.set()
+
+    def _log_keys(self, sa: IkeSa, e) -> None:
+        if isinstance(e, (ev.IkeSaEstablished, ev.IkeSaRekeyed)):
+            self.keylog.log_ike_sa(*sa.ike_keys())
+        elif isinstance(e, ev.ChildSaEstablished):
+            self.keylog.log_child_sa(e.params)
+        elif isinstance(e, ev.ChildSaRekeyed):
+            self.keylog.log_child_sa(e.new)
 
     def _translate(self, sa: IkeSa, e) -> list:
         r = sa.remote
@@ -225,6 +238,9 @@ class IkeLinkAdapter:
         self._timer = asyncio.get_running_loop().create_task(self._timer_loop())
 
     def stop(self) -> None:
+        if self.keylog is not None:
+            self.keylog.close()
+            self.keylog = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
