@@ -315,9 +315,10 @@ class OeLab:
     sockdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="oe-ctl-")))
 
     def add(self, group: str | dict, published: bool = True, extra: str = "",
-            v4s: list[str] = (), v6s: list[str] = ()) -> Agent:
+            v4s: list[str] = (), v6s: list[str] = (), hostkey: bool = True) -> Agent:
         """An agent host whose policy groups cover 192.0.2.0/24 and 2001:db8::/64 with `group`
-        (or a {group: lines} dict); v4s/v6s: its addresses (the first ones are its veth's)."""
+        (or a {group: lines} dict); v4s/v6s: its addresses (the first ones are its veth's).
+        hostkey=False: no key file at all (anonymous OE: the agent speaks AUTH_NULL only)."""
         from oe_agent.dns.tools import generate_key, write_private_key
 
         h = self.factory.add(*(v4s[:1] or [None]), *(v6s[:1] or [None]))
@@ -325,7 +326,8 @@ class OeLab:
             plen = "128" if ":" in a else "32"
             h.run("ip", "addr", "add", f"{a}/{plen}", "dev", "eth0", *(["nodad"] if ":" in a else []))
         key = generate_key("ed25519")
-        write_private_key(h.workdir / "hostkey.pem", key)
+        if hostkey:
+            write_private_key(h.workdir / "hostkey.pem", key)
         self.keys[h.name] = key
         ag = Agent(h, group if isinstance(group, str) else "mixed", published, extra=extra,
                    v4s=list(v4s) or [h.v4], v6s=list(v6s) or [h.v6], sockdir=self.sockdir)

@@ -1,7 +1,8 @@
 """Issue 5 acceptance 6 (AUTH_NULL part) on real kernel ESP: libreswan pluto 4.10 OE with
 RFC 7619 NULL authentication, private-or-clear on both sides, each side initiating.
 
-Agent D (shared lab's DNS, kernel dataplane, `ike.auth_null = true`, private-or-clear for
+Agent D (shared lab's DNS, kernel dataplane, no host key and `ike.auth_null = true`: anonymous
+OE as libreswan's authby=null hosts have it; private-or-clear for
 P1 and P2) and two plutos, P1 and P2, each with D in its `policies/private-or-clear`
 (libreswan's own OE conns: right=%opportunisticgroup, authby=null, ID_NULL both ways).
 P1 -> D: pluto's trap and ACQUIRE start it; D -> P2: the agent's. Transport mode (the
@@ -37,7 +38,7 @@ def oe_pluto(request, tmp_path_factory, esp_kernel):
     needs((LIBRESWAN / "pluto").exists(), f"libreswan unpacked at {LIBRESWAN} (tools/install-deps.sh)")
     sl = shared_lab(request, tmp_path_factory)
     lab = sl.lab
-    d = lab.add({"private-or-clear": f"{P1}/32\n{P2}/32\n"}, published=False,
+    d = lab.add({"private-or-clear": f"{P1}/32\n{P2}/32\n"}, published=False, hostkey=False,
                 extra="[ike]\nauth_null = true\n", v4s=[D4], v6s=["2001:db8::41"])
     plutos = []
     try:
