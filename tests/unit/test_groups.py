@@ -7,6 +7,7 @@ from hypothesis import given, strategies as st
 
 from oe_agent.agent.groups import KernelPolicy, PolicyGroups, Selector, diff, parse_line
 from oe_agent.errors import UserError
+from tests.conftest import needs
 
 LIBRESWAN_POLICIES = Path(__file__).resolve().parents[2] / "tools/.cache/libreswan/etc/ipsec.d/policies"
 
@@ -39,8 +40,7 @@ def write(d: Path, **files):
 
 
 def test_libreswans_own_files_load_unchanged(tmp_path):
-    if not LIBRESWAN_POLICIES.is_dir():
-        pytest.skip("libreswan not unpacked (tools/install-deps.sh)")
+    needs(LIBRESWAN_POLICIES.is_dir(), "libreswan unpacked (tools/install-deps.sh)")
     d = tmp_path / "pol"
     shutil.copytree(LIBRESWAN_POLICIES, d)
     g = PolicyGroups.load(d)
