@@ -135,7 +135,8 @@ def make_app(agent) -> web.Application:
     return app
 
 
-def _socket_in_use(path: Path) -> bool:
+def socket_in_use(path: Path) -> bool:
+    """A live agent answers on the socket (a crashed one leaves only the file behind)."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         s.connect(str(path))
@@ -155,7 +156,7 @@ class ControlServer:
 
     def check_free(self) -> None:
         """UserError if a live agent answers on the path (called before touching anything)."""
-        if (self.path.exists() or self.path.is_symlink()) and _socket_in_use(self.path):
+        if (self.path.exists() or self.path.is_symlink()) and socket_in_use(self.path):
             raise UserError(f"{self.path}: another agent is listening there")
 
     async def start(self) -> None:

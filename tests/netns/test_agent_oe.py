@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.interop import dnsfix
+from oe_agent.control.api import socket_in_use
 
 DNS_V4, DNS_V6 = "192.0.2.53", "2001:db8::53"
 ECHO_PORT = 7
@@ -104,7 +105,7 @@ class OeLab:
             if echo and not getattr(h, "_echo", False):
                 h.popen(sys.executable, "-c", ECHO, h.v4, h.v6, log="echo.log")
                 h._echo = True
-            poll(lambda: connectable(sock) or self.agents[h.name].poll() is not None,
+            poll(lambda: socket_in_use(sock) or self.agents[h.name].poll() is not None,
                  f"agent on {h.name}", self.bound)
             assert self.agents[h.name].poll() is None, self.log(h)
 
@@ -150,18 +151,6 @@ class OeLab:
                     timeout=wait + self.bound, check=False)
         assert r.returncode == 0, r.stderr  # send errors (EPERM under a drop) are in stderr
         return int(r.stdout.strip() or 0)
-
-
-def connectable(path: Path) -> bool:
-    """A live agent answers on its socket (a crashed one leaves the file behind)."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        s.connect(str(path))
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
 
 
 def poll(pred, what, bound=20.0):
