@@ -446,8 +446,21 @@ class OeLab:
             ex = json.dumps(self.explain(ag, addr), indent=1)
         except Exception as e:  # the agent may be the broken part
             ex = f"(explain failed: {e})"
-        log = [ln for ln in self.log(ag).splitlines() if addr in ln][-25:]
-        return f"--- {ag.name} explain {addr}:\n{ex}\n--- its log lines about {addr}:\n" + "\n".join(log)
+        # datagram traces (liveness every few seconds) would push the story out of the tail
+        log = [ln for ln in self.log(ag).splitlines()
+               if addr in ln and not re.search(r"IKE \d+ bytes (to|from) ", ln)][-25:]
+        return (f"--- {ag.name} explain {addr}:\n{ex}\n--- its log lines about {addr}:\n"
+                + "\n".join(log) + f"\n--- its kernel policies naming {addr}:\n"
+                + self.kernel_policies(ag, addr))
+
+    def kernel_policies(self, ag: Agent, addr: str) -> str:
+        """`ip xfrm policy` blocks of the agent's host whose selector names addr."""
+        try:
+            out = ag.host.run("ip", "xfrm", "policy").stdout
+        except Exception as e:
+            return f"(ip xfrm policy failed: {e})"
+        blocks = re.split(r"\n(?=src )", out)
+        return "\n".join(b for b in blocks if addr in b.split("\n", 1)[0]) or "(none)"
 
     def close(self) -> None:
         if self.echo:

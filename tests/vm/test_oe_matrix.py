@@ -70,7 +70,9 @@ def run_matrix(sl, v6: bool) -> list[str]:
             failures.append(
                 f"{g1} -> {g2} ({src} -> {dst}): {'; '.join(problems)} "
                 f"[sent {r.sent}, answered {r.first}, steady {r.steady_ok}/{r.steady}, ESP {esp}, "
-                f"plaintext {clear_all}]\n{lab.why(a, dst)}\n{lab.why(b, src)}")
+                f"plaintext {clear_all}]\n"
+                + "".join(f"  clear: {d}\n" for d in wire.plaintext(canary)[:8])
+                + f"{lab.why(a, dst)}\n{lab.why(b, src)}")
     return failures
 
 
