@@ -81,6 +81,9 @@ class ChildUp:
     ike_id: Any = None
     auth: str = "pubkey"  # pubkey | psk | null
     initiator: bool = True  # we started the exchange that made it (rekeys first)
+    # called once the core has acted on it: the IKE side holds the answer that lets the peer
+    # send on this SA until the SA is in the dataplane (or the peer's first ESP is dropped)
+    installed: Callable[[], None] | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,7 @@ class ChildRekeyed:
     old_spi_in: int
     ike_id: Any = None
     initiator: bool = True
+    installed: Callable[[], None] | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -365,10 +369,18 @@ class Agent:
     async def _on_child_up(self, ev: ChildUp) -> None:
         p = self._peer(ev.remote)
         p.negotiations.discard(ev.ike_id)
-        await self._input(p, PeerInput.CHILD_UP, ev)
+        try:
+            await self._input(p, PeerInput.CHILD_UP, ev)
+        finally:
+            if ev.installed is not None:
+                ev.installed()
 
     async def _on_child_rekeyed(self, ev: ChildRekeyed) -> None:
-        await self._input(self._peer(ev.remote), PeerInput.REKEYED, ev)
+        try:
+            await self._input(self._peer(ev.remote), PeerInput.REKEYED, ev)
+        finally:
+            if ev.installed is not None:
+                ev.installed()
 
     async def _on_child_gone(self, ev: ChildGone) -> None:
         p = self._peer(ev.remote)

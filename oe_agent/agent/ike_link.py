@@ -11,6 +11,8 @@ packets (`esp_received`) and sends its own through our socket (`attach_udp`).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import ipaddress
 import logging
 import os
@@ -26,7 +28,9 @@ from oe_agent.config import Config
 from oe_agent.errors import UserError
 from oe_agent.ike import auth as ikeauth
 from oe_agent.ike import events as ev
+from oe_agent.ike.const import ExchangeType
 from oe_agent.ike.keylog import KeyLogWriter
+from oe_agent.ike.message import peek_header
 from oe_agent.ike.payloads import IdInitiator
 from oe_agent.ike.sa import Datagram, IkeConfig, IkeEndpoint, IkeSa
 from oe_agent.model import IPAddress, Mode, TrafficSelector
@@ -72,6 +76,8 @@ class IkeLinkAdapter:
         self.endpoint = IkeEndpoint(rng, self._responder_config)
         self._transport = transport
         self._announced: set[int] = set()
+        # remote -> [installs the core has not confirmed, datagrams held until it has]
+        self._gates: dict[IPAddress, list] = {}
         self._socks: dict[tuple[IPAddress, int], socket.socket] = {}
         self._timer: asyncio.Task | None = None
         self._wake: asyncio.Event | None = None
@@ -99,6 +105,7 @@ class IkeLinkAdapter:
 
     def abort(self, remote, ike_id: IkeSa, reason: str) -> None:
         if ike_id is not None and hasattr(ike_id, "delete"):
+            log.debug("%s: ending IKE SA %s (%s)", remote, ike_id.spi_i.hex(), reason)
             ike_id.delete(self.clock())
             self._after(ike_id)
 
@@ -110,6 +117,7 @@ class IkeLinkAdapter:
 
     def delete(self, remote) -> None:
         for sa in self.endpoint.find(remote):
+            log.debug("%s: deleting IKE SA %s", remote, sa.spi_i.hex())
             sa.delete(self.clock())
             self._after(sa)
 
@@ -159,22 +167,52 @@ class IkeLinkAdapter:
         self._pump()
 
     def _pump(self) -> None:
-        """Send what the engine wrote and post its events to the core."""
+        """Send what the engine wrote and post its events to the core.
+
+        A new or rekeyed Child SA closes its peer's gate: what goes to that peer (the IKE_AUTH
+        or CREATE_CHILD_SA response that lets it send on the SA, the Delete of the old pair)
+        waits until the core says the SA is installed. Otherwise the peer's first ESP can
+        arrive before our inbound SA exists, and is dropped."""
         now = self.clock()
-        for dg in self.endpoint.datagrams_to_send(now):
-            self._send(dg)
+        out = self.endpoint.datagrams_to_send(now)
+        inputs = []
         for sa in self.endpoint.sas:
             if id(sa) not in self._announced and not sa.initiated:
                 self._announced.add(id(sa))
-                self.agent.post(IkeRequest(sa.remote, sa.local, ike_id=sa))
+                inputs.append(IkeRequest(sa.remote, sa.local, ike_id=sa))
         while (item := self.endpoint.next_event()) is not None:
             sa, e = item
             if self.keylog is not None:
                 self._log_keys(sa, e)
             for inp in self._translate(sa, e):
-                self.agent.post(inp)
+                log.debug("%s: %s from IKE SA %s (%s)", sa.remote, type(inp).__name__,
+                          sa.spi_i.hex(), "ours" if sa.initiated else "theirs")
+                if isinstance(inp, (ChildUp, ChildRekeyed)):
+                    self._gates.setdefault(inp.remote, [0, []])[0] += 1
+                    inp = dataclasses.replace(inp, installed=functools.partial(
+                        self._installed, inp.remote))
+                inputs.append(inp)
+        for dg in out:
+            gate = self._gates.get(dg.remote)
+            if gate is not None:
+                gate[1].append(dg)
+            else:
+                self._send(dg)
+        for inp in inputs:
+            self.agent.post(inp)
         if self._wake is not None:
             self._wake.set()
+
+    def _installed(self, remote: IPAddress) -> None:
+        """The core acted on a ChildUp/ChildRekeyed of `remote`: open its gate once the last is in."""
+        gate = self._gates.get(remote)
+        if gate is None:
+            return
+        gate[0] -= 1
+        if gate[0] <= 0:
+            del self._gates[remote]
+            for dg in gate[1]:
+                self._send(dg)
 
     def _log_keys(self, sa: IkeSa, e) -> None:
         if isinstance(e, (ev.IkeSaEstablished, ev.IkeSaRekeyed)):
@@ -216,8 +254,9 @@ class IkeLinkAdapter:
         self._pump()
 
     def _send(self, dg: Datagram) -> None:
-        log.debug("IKE %d bytes to %s:%d from %s:%d", len(dg.data), dg.remote, dg.remote_port,
-                  dg.local, dg.local_port)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("IKE %d bytes to %s:%d from %s:%d%s", len(dg.data), dg.remote,
+                      dg.remote_port, dg.local, dg.local_port, _describe(dg.data))
         if self._transport is not None:
             self._transport(dg)
             return
@@ -325,8 +364,9 @@ class IkeLinkAdapter:
                         self.dataplane.esp_received(data, (str(remote[0]), remote[1]))
                     continue
                 data = data[4:]
-            log.debug("IKE %d bytes from %s:%d on %s:%d", len(data), remote[0], remote[1],
-                      local, port)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("IKE %d bytes from %s:%d on %s:%d%s", len(data), remote[0], remote[1],
+                          local, port, _describe(data))
             self.endpoint.receive_datagram(data, (local, port), remote, self.clock())
             for sa in self.endpoint.find(remote[0]):
                 if sa.last_error:
@@ -341,3 +381,15 @@ def _is_ip(text: str) -> bool:
         return True
     except ValueError:
         return False
+
+
+def _describe(data: bytes) -> str:
+    """': INFORMATIONAL request 2, SPIs 1a2b../3c4d..' for debug traces (never raises)."""
+    try:
+        h = peek_header(data)
+        kind = ExchangeType(h.exchange).name if h.exchange in ExchangeType._value2member_map_ \
+            else str(h.exchange)
+    except Exception:
+        return ""
+    return (f": {kind} {'response' if h.response else 'request'} {h.message_id}, "
+            f"SPIs {h.spi_i.hex()[:8]}/{h.spi_r.hex()[:8]}")

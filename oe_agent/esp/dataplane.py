@@ -45,6 +45,7 @@ from oe_agent.model import (Acquire, Capabilities, ChildSaParams, IPAddress, IPN
 log = logging.getLogger(__name__)
 
 TRAP, BLOCK, PASS = "trap", "block", "pass"
+EARLY_MAX, EARLY_S = 64, 2.0  # ESP kept from a peer we negotiate with, for an SA not in yet
 ACQUIRE_EXPIRES = 30.0  # like XFRM_ACQ_EXPIRES: one Acquire per destination per 30 s
 # worst-case ESP-in-UDP overhead over IPv6: outer IPv6 40 + UDP 8 + ESP 8 + IV 16 + pad 15 +
 # trailer 2 + ICV 16 = 105; the oe0 MTU keeps local packets within the underlay MTU.
@@ -114,6 +115,11 @@ class UserspaceDataplane:
         self._reassembler = packet.Reassembler()
         self._rules_installed = False
         self._spi_reserved: dict[int, None] = {}  # insertion-ordered, bounded
+        # spi -> [(arrival, esp, addr)]: the peer's first ESP can overtake our install (it may
+        # send once it has answered IKE_AUTH, while we still check its AUTH); bounded in all,
+        # kept EARLY_S, then counted as unknown SPI
+        self._early: dict[int, list[tuple[float, bytes, tuple]]] = {}
+        self._early_count = 0
         self._inbound = NftInbound(ifname, (500, 4500, udp_port))
         self._sa_in_nets: list[IPNetwork] = []
         self.inbound_block = False  # nftables drops clear packets from blocked sources
@@ -435,6 +441,11 @@ class UserspaceDataplane:
             if any(ts.start <= dst <= ts.end for ts in sa.ts_remote if ts.version == dst.version):
                 self._acquiring.pop(dst, None)
                 self._release(dst, clear=False)
+        early = self._early.pop(params.spi_in, ())
+        self._early_count -= len(early)
+        for _, data, addr in early:
+            self.stats["early-esp-delivered"] += 1
+            self.esp_received(data, addr)
         self._wake.set()
 
     async def del_child_sa(self, params: ChildSaParams) -> None:
@@ -629,9 +640,16 @@ class UserspaceDataplane:
 
     def esp_received(self, data: bytes, addr: tuple) -> None:
         """An ESP packet (SPI .. ICV) from `addr`: UDP 4500 (marker already split) or raw."""
-        sa = self._sa_in.get(int.from_bytes(data[:4], "big")) if len(data) >= 8 else None
+        spi = int.from_bytes(data[:4], "big") if len(data) >= 8 else None
+        sa = self._sa_in.get(spi) if spi is not None else None
         if sa is None:
-            self.stats["unknown-spi" if len(data) >= 8 else "malformed"] += 1
+            if spi is not None and self._early_count < EARLY_MAX and self._expects(addr[0]):
+                self._early.setdefault(spi, []).append((self.clock(), bytes(data), addr))
+                self._early_count += 1
+                self.stats["early-esp"] += 1
+                self._wake.set()
+                return
+            self.stats["unknown-spi" if spi is not None else "malformed"] += 1
             return
         try:
             inner = sa.unprotect(data, self.clock())
@@ -646,6 +664,15 @@ class UserspaceDataplane:
             log.debug("tun write: %s", e)
         if sa.inbound.events:
             self._drain(sa)
+
+    def _expects(self, addr: str) -> bool:
+        """Is an SA with this peer being negotiated or already up (its unknown SPI may be the
+        next SA's)? Only then is early ESP kept: strangers cannot fill the buffer."""
+        try:
+            ip = ipaddress.ip_address(addr.split("%")[0])
+        except ValueError:
+            return False
+        return ip in self._held or ip in self._acquiring or ip.packed in self._sa_host
 
     # --- time --------------------------------------------------------------------------------
 
@@ -686,6 +713,13 @@ class UserspaceDataplane:
                     self._expire_shunt(remote, shunt)
                 else:
                     nxt.append(shunt.expires)
+        for spi, early in list(self._early.items()):
+            if now - early[0][0] >= EARLY_S:  # its SA never came: unknown SPI after all
+                del self._early[spi]
+                self._early_count -= len(early)
+                self.stats["unknown-spi"] += len(early)
+            else:
+                nxt.append(early[0][0] + EARLY_S)
         for dst, since in list(self._acquiring.items()):
             if now - since >= ACQUIRE_EXPIRES:
                 del self._acquiring[dst]

@@ -112,8 +112,35 @@ async def test_sa_carries_packets_both_ways(wired):
     # a replayed datagram is refused and counted
     b.esp_received(wire[0][1], (str(A), 4500))
     assert len(b._tun.written) == 1 and b.stats["in-replay"] == 1
+    # an unknown SPI from a peer with an SA may be its next SA's: kept briefly, then counted
     b.esp_received(b"\x00\x00\x99\x99" + bytes(40), (str(A), 4500))
-    assert b.stats["unknown-spi"] == 1
+    assert b.stats["early-esp"] == 1 and b.stats["unknown-spi"] == 0
+    clock.t += 2.5
+    b.poll(clock())
+    assert b.stats["unknown-spi"] == 1 and not b._early
+    # from a stranger: counted at once, never kept
+    b.esp_received(b"\x00\x00\x99\x99" + bytes(40), ("203.0.113.9", 4500))
+    assert b.stats["unknown-spi"] == 2 and b.stats["early-esp"] == 1
+
+
+async def test_early_esp_is_delivered_once_its_sa_is_in(wired):
+    """The responder may send on a new SA before the initiator has checked its AUTH and
+    installed the pair: that ESP waits (bounded) and is decrypted when the SA comes."""
+    clock, a, b, wire = wired
+    pa, pb = sa_pair()
+    await a.add_child_sa(pa)
+    await b.add_child_sa(pb)
+    # a sends on its new SA before b has installed it
+    k1, k2 = bytes(range(40, 60)), bytes(range(60, 80))
+    na = params(A, B, 0x1003, 0x2004, k1, k2)
+    nb = params(B, A, 0x2004, 0x1003, k2, k1)
+    await a.add_child_sa(na)
+    await a.del_child_sa(pa)  # a now sends on 0x2004 only
+    a.outbound(udp(A, B, b"early"), clock())
+    assert b._tun.written == [] and b.stats["early-esp"] == 1
+    await b.add_child_sa(nb)
+    assert b._tun.written == [udp(A, B, b"early")]
+    assert b.stats["early-esp-delivered"] == 1 and not b._early
 
 
 async def test_trap_acquire_hold_release_on_sa(wired):
