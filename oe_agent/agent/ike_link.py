@@ -106,6 +106,7 @@ class IkeLinkAdapter:
     def abort(self, remote, ike_id: IkeSa, reason: str) -> None:
         if ike_id is not None and hasattr(ike_id, "delete"):
             log.debug("%s: ending IKE SA %s (%s)", remote, ike_id.spi_i.hex(), reason)
+            self._open_gate(ike_id.remote)
             ike_id.delete(self.clock())
             self._after(ike_id)
 
@@ -116,6 +117,7 @@ class IkeLinkAdapter:
                 self._after(sa)
 
     def delete(self, remote) -> None:
+        self._open_gate(remote)
         for sa in self.endpoint.find(remote):
             log.debug("%s: deleting IKE SA %s", remote, sa.spi_i.hex())
             sa.delete(self.clock())
@@ -188,9 +190,10 @@ class IkeLinkAdapter:
                 log.debug("%s: %s from IKE SA %s (%s)", sa.remote, type(inp).__name__,
                           sa.spi_i.hex(), "ours" if sa.initiated else "theirs")
                 if isinstance(inp, (ChildUp, ChildRekeyed)):
-                    self._gates.setdefault(inp.remote, [0, []])[0] += 1
+                    gate = self._gates.setdefault(inp.remote, [0, []])
+                    gate[0] += 1
                     inp = dataclasses.replace(inp, installed=functools.partial(
-                        self._installed, inp.remote))
+                        self._installed, inp.remote, gate))
                 inputs.append(inp)
         for dg in out:
             gate = self._gates.get(dg.remote)
@@ -203,16 +206,21 @@ class IkeLinkAdapter:
         if self._wake is not None:
             self._wake.set()
 
-    def _installed(self, remote: IPAddress) -> None:
+    def _installed(self, remote: IPAddress, gate: list) -> None:
         """The core acted on a ChildUp/ChildRekeyed of `remote`: open its gate once the last is in."""
-        gate = self._gates.get(remote)
-        if gate is None:
-            return
         gate[0] -= 1
         if gate[0] <= 0:
-            del self._gates[remote]
-            for dg in gate[1]:
-                self._send(dg)
+            self._open_gate(remote, gate)
+
+    def _open_gate(self, remote: IPAddress, gate: list | None = None) -> None:
+        """Send what waited at remote's gate (all of it: a Delete must not wait for installs
+        the core will never make, e.g. when it stops)."""
+        cur = self._gates.get(remote)
+        if cur is None or (gate is not None and cur is not gate):
+            return
+        del self._gates[remote]
+        for dg in cur[1]:
+            self._send(dg)
 
     def _log_keys(self, sa: IkeSa, e) -> None:
         if isinstance(e, (ev.IkeSaEstablished, ev.IkeSaRekeyed)):

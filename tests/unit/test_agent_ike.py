@@ -207,6 +207,45 @@ async def test_rekey_through_the_engine_replaces_the_pair():
         await close(a, b, tasks)
 
 
+async def test_responder_answers_only_once_its_sa_is_installed():
+    """The IKE_AUTH response (and a rekey's CREATE_CHILD_SA response) lets the initiator send
+    ESP at once: it leaves only after the responder's dataplane holds the new SA."""
+    from oe_agent.ike.message import peek_header
+    from oe_agent.model import SaExpire
+
+    a, b, tasks = await pair(POC, COP)
+    order = []
+    slow_add = b.dp.add_child_sa
+
+    async def add_child_sa(params):
+        await asyncio.sleep(0.05)  # a dataplane that takes its time (nft, netlink)
+        await slow_add(params)
+        order.append(("installed", params.spi_in))
+
+    b.dp.add_child_sa = add_child_sa
+    to_a = b.link._transport
+
+    def send(dg):
+        h = peek_header(dg.data)
+        if h.response and h.exchange in (35, 36):  # IKE_AUTH, CREATE_CHILD_SA
+            order.append(("answered", h.exchange))
+        to_a(dg)
+
+    b.link._transport = send
+    try:
+        a.publish(b)
+        b.publish(a)
+        a.agent.post(Acquire(src=A, dst=B))
+        await until(lambda: a.state(B) is PeerState.UP and b.state(A) is PeerState.UP, "SA up")
+        assert [k for k, _ in order] == ["installed", "answered"], order
+        (old,) = a.dp.sas
+        a.agent.post(SaExpire(spi=old, dst=A, hard=False))  # A rekeys: B answers
+        await until(lambda: len(order) == 4, "the rekey")
+        assert [k for k, _ in order[2:]] == ["installed", "answered"], order
+    finally:
+        await close(a, b, tasks)
+
+
 async def test_stop_deletes_the_peer_sas_too():
     a, b, tasks = await pair(POC, COP)
     try:
