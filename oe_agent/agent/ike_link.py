@@ -178,8 +178,8 @@ class IkeLinkAdapter:
         now = self.clock()
         out = self.endpoint.datagrams_to_send(now)
         inputs = []
-        for sa in self.endpoint.sas:
-            if id(sa) not in self._announced and not sa.initiated:
+        for sa in self.endpoint.take_new_responders():
+            if id(sa) not in self._announced:
                 self._announced.add(id(sa))
                 inputs.append(IkeRequest(sa.remote, sa.local, ike_id=sa))
         while (item := self.endpoint.next_event()) is not None:

@@ -1407,6 +1407,7 @@ class IkeEndpoint:
         self.dropped = 0  # datagrams that fit no SA (or were refused)
         self._order: dict[IkeSa, int] = {}  # live SAs -> creation number (the order of `sas`)
         self._made = 0
+        self._new_responders: list[IkeSa] = []
         self._dirty: dict[IkeSa, None] = {}  # touched since last drained (insertion-ordered)
         self._by_remote: dict[IPAddress, list[IkeSa]] = {}  # in `sas` order (find, settling)
         self._init_done: dict[IkeSa, None] = {}  # SAs in INIT_DONE (the half-open count)
@@ -1483,7 +1484,14 @@ class IkeEndpoint:
         self._add(sa)
         self._half_open[(raddr, h.spi_i)] = sa
         self._half_open_key[sa] = (raddr, h.spi_i)
+        self._new_responders.append(sa)
         return sa
+
+    def take_new_responders(self) -> list[IkeSa]:
+        """The responder SAs created since the last call (an adapter announces each once;
+        walking `sas` for them would cost O(SAs) per datagram)."""
+        out, self._new_responders = self._new_responders, []
+        return out
 
     def handle_timer(self, now: float) -> None:
         """Run the SAs whose deadline has come (in the order of `sas`), and only those."""
