@@ -27,7 +27,6 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import dh, ec, x25519
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
-from cryptography.hazmat.primitives.hmac import HMAC
 
 from oe_agent.ike.const import DhId, EncrId, IntegId, NotifyType, PrfId
 from oe_agent.ike.errors import IkeIntegrityError, IkeProtocolError
@@ -53,20 +52,28 @@ class Prf:
         return self.hash.digest_size
 
     def __call__(self, key: bytes, data: bytes) -> bytes:
-        h = HMAC(key, self.hash())
-        h.update(data)
-        return h.finalize()
+        # the standard library's one-shot HMAC (OpenSSL underneath, like `cryptography`):
+        # no HMAC object per call; the engine calls this ~10 times per handshake
+        return _hmac.digest(key, data, self.hash.name)
 
     def plus(self, key: bytes, seed: bytes, length: int) -> bytes:
-        """prf+ (§2.13): T1 = prf(K, S | 0x01), Tn = prf(K, Tn-1 | S | n); at most 255 rounds."""
-        out, t, n = b"", b"", 1
-        while len(out) < length:
-            if n > 255:
-                raise IkeProtocolError(NotifyType.INVALID_SYNTAX, "prf+ asked for too many bytes")
-            t = self(key, t + seed + bytes([n]))
-            out += t
+        """prf+ (§2.13): T1 = prf(K, S | 0x01), Tn = prf(K, Tn-1 | S | n); at most 255 rounds.
+        The key is set up once; each round copies the keyed HMAC state."""
+        if length > 255 * self.out_len:
+            raise IkeProtocolError(NotifyType.INVALID_SYNTAX, "prf+ asked for too many bytes")
+        keyed = _hmac.new(key, digestmod=self.hash.name)
+        parts, t, got, n = [], b"", 0, 1
+        while got < length:
+            h = keyed.copy()
+            h.update(t + seed + _ROUND[n])
+            t = h.digest()
+            parts.append(t)
+            got += len(t)
             n += 1
-        return out[:length]
+        return b"".join(parts)[:length]
+
+
+_ROUND = [bytes([n]) for n in range(256)]  # prf+ counter octets
 
 
 PRFS: dict[int, Prf] = {
@@ -102,9 +109,7 @@ class Integ:
         return self.hash.digest_size
 
     def icv(self, key: bytes, data: bytes) -> bytes:
-        h = HMAC(key, self.hash())
-        h.update(data)
-        return h.finalize()[:self.icv_len]
+        return _hmac.digest(key, data, self.hash.name)[:self.icv_len]
 
     def verify(self, key: bytes, data: bytes, icv: bytes) -> bool:
         return _hmac.compare_digest(self.icv(key, data), icv)

@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Iterable, TypeVar
 
 from oe_agent.ike.const import (IKE_VERSION, NON_ESP_MARKER, ExchangeType, HeaderFlag,
@@ -19,6 +19,9 @@ from oe_agent.ike.payloads import EncryptedPayload, Notify, Payload, parse_paylo
 
 HEADER_LEN = 28
 _HEADER = struct.Struct("!8s8sBBBBII")
+_GENERIC = struct.Struct("!BBH")
+_I_FLAG, _R_FLAG = int(HeaderFlag.INITIATOR), int(HeaderFlag.RESPONSE)  # plain ints: an
+# IntFlag `&` goes through enum machinery, and this runs several times per message
 P = TypeVar("P")
 
 
@@ -40,11 +43,11 @@ class Header:
 
     @property
     def initiator(self) -> bool:
-        return bool(self.flags & HeaderFlag.INITIATOR)
+        return bool(self.flags & _I_FLAG)
 
     @property
     def response(self) -> bool:
-        return bool(self.flags & HeaderFlag.RESPONSE)
+        return bool(self.flags & _R_FLAG)
 
 
 def peek_header(data: bytes) -> Header:
@@ -75,7 +78,7 @@ def _chain(payloads: Iterable[Payload]) -> tuple[int, bytes]:
         crit = 0x80 if getattr(p, "critical", False) else 0
         if len(body) + 4 > 0xFFFF:
             raise _syntax("payload longer than 65535 bytes")
-        out.append(struct.pack("!BBH", np, crit, len(body) + 4) + body)
+        out.append(_GENERIC.pack(np, crit, len(body) + 4) + body)
     return (items[0].TYPE if items else PayloadType.NONE), b"".join(out)
 
 
@@ -86,7 +89,7 @@ def _unchain(first: int, data: bytes, off: int, allow_sk: bool) -> tuple[Payload
     while ptype != PayloadType.NONE:
         if len(data) - off < 4:
             raise _syntax(f"payload {name_of(PayloadType, ptype)} header truncated")
-        np, crit, plen = struct.unpack_from("!BBH", data, off)
+        np, crit, plen = _GENERIC.unpack_from(data, off)
         if plen < 4 or off + plen > len(data):
             raise _syntax(f"payload {name_of(PayloadType, ptype)} length {plen}")
         body = data[off + 4:off + plen]
@@ -120,12 +123,13 @@ class Message:
 
     # --- decoding --------------------------------------------------------------------------
     @classmethod
-    def parse(cls, data: bytes) -> Message:
+    def parse(cls, data: bytes, header: Header | None = None) -> Message:
+        """`header`: peek_header(data) if the caller already has it (saves decoding it twice)."""
         data = bytes(data)
-        h = peek_header(data)
+        h = header or peek_header(data)
         payloads = _unchain(h.next_payload, data, HEADER_LEN, allow_sk=True)
-        return cls(h.spi_i, h.spi_r, h.exchange, h.initiator, h.response, h.message_id,
-                   payloads, data)
+        return cls(h.spi_i, h.spi_r, h.exchange, bool(h.flags & _I_FLAG),
+                   bool(h.flags & _R_FLAG), h.message_id, payloads, data)
 
     @property
     def encrypted(self) -> EncryptedPayload | None:
@@ -145,12 +149,12 @@ class Message:
         if not plain or plain[-1] + 1 > len(plain):
             raise _syntax("SK padding length exceeds the plaintext")
         inner = _unchain(sk.first_payload, plain[:len(plain) - 1 - plain[-1]], 0, allow_sk=False)
-        return replace(self, payloads=self.payloads[:-1] + inner)
+        return Message(self.spi_i, self.spi_r, self.exchange, self.initiator, self.response,
+                       self.message_id, self.payloads[:-1] + inner, self.raw)
 
     # --- encoding --------------------------------------------------------------------------
     def _header(self, next_payload: int, length: int) -> bytes:
-        flags = (HeaderFlag.INITIATOR if self.initiator else 0) | (
-            HeaderFlag.RESPONSE if self.response else 0)
+        flags = (_I_FLAG if self.initiator else 0) | (_R_FLAG if self.response else 0)
         if len(self.spi_i) != 8 or len(self.spi_r) != 8:
             raise _syntax("IKE SPIs are 8 bytes")
         return _HEADER.pack(self.spi_i, self.spi_r, next_payload, IKE_VERSION, self.exchange,

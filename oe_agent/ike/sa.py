@@ -12,6 +12,7 @@ IKE_SA_INIT under load with a COOKIE (§2.6) and settles mutual initiation.
 """
 from __future__ import annotations
 
+import hashlib
 import hmac
 import ipaddress
 import struct
@@ -21,7 +22,6 @@ from functools import lru_cache, wraps
 from heapq import heapify, heappop, heappush
 from typing import Any, Callable
 
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from oe_agent.ike import auth as ikeauth
@@ -44,6 +44,8 @@ from oe_agent.ike.proposal import (DEFAULT_ESP, DEFAULT_IKE, Suite, check_choice
 from oe_agent.ike.states import EXCHANGE_INPUTS, TABLE, IkeState, Input
 from oe_agent.model import IPAddress, Mode, TrafficSelector
 
+# SIGNATURE_HASH_ALGORITHMS data (RFC 7427 §4), the same in every IKE_SA_INIT
+_OUR_HASHES = b"".join(struct.pack("!H", a) for a in ikeauth.OUR_HASH_ALGORITHMS)
 UNAUTHENTICATED = "unauthenticated"  # supply_peer_keys marker: AUTH_NULL is acceptable
 NONCE_LEN = 32
 _NOTIFY_REASON = {NotifyType.NO_PROPOSAL_CHOSEN: "no-proposal",
@@ -184,10 +186,31 @@ class _Keyset:
 
 
 def nat_hash(spi_i: bytes, spi_r: bytes, addr: IPAddress, port: int) -> bytes:
-    """SHA-1(SPIi | SPIr | IP | Port) (RFC 7296 §2.23)."""
-    h = hashes.Hash(hashes.SHA1())
-    h.update(spi_i + spi_r + addr.packed + struct.pack("!H", port))
-    return h.finalize()
+    """SHA-1(SPIi | SPIr | IP | Port) (RFC 7296 §2.23); hashlib's one-shot SHA-1 (no hash
+    object per call: four of these per handshake on each side)."""
+    return hashlib.sha1(spi_i + spi_r + addr.packed + port.to_bytes(2, "big")).digest()
+
+
+_ADDRESS_TYPES = (ipaddress.IPv4Address, ipaddress.IPv6Address)
+
+
+def as_address(addr) -> IPAddress:
+    """An ipaddress object as it is, text parsed once per distinct value: `ip_address()` on an
+    address object goes back through its text, and every datagram names two addresses."""
+    if type(addr) in _ADDRESS_TYPES:
+        return addr
+    return _parse_address(addr)
+
+
+@lru_cache(maxsize=4096)
+def _parse_address(addr) -> IPAddress:
+    return ipaddress.ip_address(addr)
+
+
+@lru_cache(maxsize=4096)
+def _host_selectors(addr: IPAddress) -> tuple[TrafficSelector, ...]:
+    """(TrafficSelector.host(addr),): immutable, so shared by every SA with that address."""
+    return (TrafficSelector.host(addr),)
 
 
 def _hash_list(data: bytes) -> list[int]:
@@ -237,8 +260,8 @@ class IkeSa:
                  initiator: bool, rng: Rng, remote_port: int | None = None,
                  local_port: int | None = None):
         self.config = config
-        self.local = ipaddress.ip_address(local)
-        self.remote = ipaddress.ip_address(remote)
+        self.local = as_address(local)
+        self.remote = as_address(remote)
         self.initiated = initiator
         self.state = IkeState.IDLE
         self._rng = rng
@@ -383,11 +406,12 @@ class IkeSa:
 
     @_watched
     def receive_datagram(self, data: bytes, addr: tuple, now: float,
-                         local_port: int | None = None) -> None:
+                         local_port: int | None = None, header=None) -> None:
         """One IKE message (non-ESP marker already stripped) from addr = (ip, port).
-        Malformed or unauthenticated input is dropped (last_error says why), never raised."""
+        Malformed or unauthenticated input is dropped (last_error says why), never raised.
+        `header`: message.peek_header(data), when the caller (IkeEndpoint) already has it."""
         try:
-            self._receive(bytes(data), addr, now, local_port)
+            self._receive(bytes(data), addr, now, local_port, header)
         except IkeError as e:
             self.last_error = str(e)
 
@@ -470,10 +494,10 @@ class IkeSa:
                 return spi
 
     def _ts_local(self) -> tuple[TrafficSelector, ...]:
-        return self.config.ts_local or (TrafficSelector.host(self.local),)
+        return self.config.ts_local or _host_selectors(self.local)
 
     def _ts_remote(self) -> tuple[TrafficSelector, ...]:
-        return self.config.ts_remote or (TrafficSelector.host(self.remote),)
+        return self.config.ts_remote or _host_selectors(self.remote)
 
     def _encap(self) -> tuple[int, int] | None:
         if self.nat_local or self.nat_remote:
@@ -604,10 +628,11 @@ class IkeSa:
                     return ks
         return None
 
-    def _receive(self, data: bytes, addr: tuple, now: float, local_port: int | None) -> None:
+    def _receive(self, data: bytes, addr: tuple, now: float, local_port: int | None,
+                 h=None) -> None:
         if self.state == IkeState.CLOSED:
             return
-        h = peek_header(data)
+        h = h or peek_header(data)
         ks = self._keyset_for(h)
         if ks is None:
             raise IkeProtocolError(NotifyType.INVALID_IKE_SPI, "SPIs of no SA of ours")
@@ -625,7 +650,7 @@ class IkeSa:
             if h.message_id != ks.peer_mid:
                 raise IkeProtocolError(NotifyType.INVALID_MESSAGE_ID,
                                        f"request #{h.message_id}, expected #{ks.peer_mid}")
-        msg = Message.parse(data)
+        msg = Message.parse(data, h)
         if h.exchange != ExchangeType.IKE_SA_INIT:
             if ks.keys is None or msg.encrypted is None:
                 raise IkeProtocolError(NotifyType.INVALID_SYNTAX, "unprotected message")
@@ -688,9 +713,7 @@ class IkeSa:
                             nat_hash(ks.spi_i, spi_r, self.local, self._local_port)),
                      Notify(NotifyType.NAT_DETECTION_DESTINATION_IP,
                             nat_hash(ks.spi_i, spi_r, self.remote, self._remote_port)),
-                     Notify(NotifyType.SIGNATURE_HASH_ALGORITHMS,
-                            b"".join(struct.pack("!H", a)
-                                     for a in ikeauth.OUR_HASH_ALGORITHMS))]
+                     Notify(NotifyType.SIGNATURE_HASH_ALGORITHMS, _OUR_HASHES)]
         return payloads
 
     def _send_init(self, ks: _Keyset, msg, now: float):
@@ -753,8 +776,7 @@ class IkeSa:
                                 nat_hash(ks.spi_i, ks.spi_r, self.local, self._local_port)),
                          Notify(NotifyType.NAT_DETECTION_DESTINATION_IP,
                                 nat_hash(ks.spi_i, ks.spi_r, self.remote, self._remote_port))]
-        payloads.append(Notify(NotifyType.SIGNATURE_HASH_ALGORITHMS, b"".join(
-            struct.pack("!H", a) for a in ikeauth.OUR_HASH_ALGORITHMS)))
+        payloads.append(Notify(NotifyType.SIGNATURE_HASH_ALGORITHMS, _OUR_HASHES))
         self._respond(ks, msg, payloads)
         self._deadline = now + self.config.half_open_timeout
         return None
@@ -1431,7 +1453,7 @@ class IkeEndpoint:
         return sa
 
     def find(self, remote) -> list[IkeSa]:
-        remote = ipaddress.ip_address(remote)
+        remote = as_address(remote)
         return list(self._by_remote.get(remote, ()))
 
     def receive_datagram(self, data: bytes, local: tuple, remote: tuple, now: float) -> None:
@@ -1441,7 +1463,7 @@ class IkeEndpoint:
         except IkeError:
             self.dropped += 1
             return
-        raddr, laddr = ipaddress.ip_address(remote[0]), ipaddress.ip_address(local[0])
+        raddr, laddr = as_address(remote[0]), as_address(local[0])
         if h.exchange == ExchangeType.IKE_SA_INIT and not h.response and not any(h.spi_r):
             sa = self._half_open.get((raddr, h.spi_i))
             if sa is None:
@@ -1453,7 +1475,7 @@ class IkeEndpoint:
             if sa is None:
                 self.dropped += 1
                 return
-        sa.receive_datagram(data, (raddr, remote[1]), now, local_port=local[1])
+        sa.receive_datagram(data, (raddr, remote[1]), now, local_port=local[1], header=h)
         self._after(sa, now)
 
     def _new_responder(self, data, h, laddr, lport, raddr, rport, now) -> IkeSa | None:
