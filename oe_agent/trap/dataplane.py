@@ -490,12 +490,10 @@ class KernelDataplane:
             done_sas.append((local, params.spi_in))
             await self.xfrm.add_sa(out)
             done_sas.append((remote, params.spi_out))
-            for sel, d in pols:
-                tmpl_src, tmpl_dst = (local, remote) if d == "out" else (remote, local)
-                fam = xfrm.family_of(tmpl_dst)
-                tmpl = Template(reqid=params.reqid, mode=params.mode, src=tmpl_src,
-                                dst=tmpl_dst, family=fam)
-                await self._install(sel, d, RANK_SA, "allow", (tmpl,))
+            # in (and fwd) before out: the out policy is what sends, held packets included,
+            # and until the in policy exists a plaintext answer to them would be accepted
+            for sel, d in sorted(pols, key=lambda sp: sp[1] == "out"):
+                await self._install(sel, d, RANK_SA, "allow", (self._template(params, d),))
                 done_pols.append((sel, d))
         except BaseException:
             for sel, d in done_pols:
@@ -512,17 +510,38 @@ class KernelDataplane:
         self._sas[key] = (params, pols)
         self._pairs[(local, remote)] = ("sa", key)
 
+    def _template(self, params: ChildSaParams, d: str) -> Template:
+        local, remote = _addr(params.local), _addr(params.remote)
+        src, dst = (local, remote) if d == "out" else (remote, local)
+        return Template(reqid=params.reqid, mode=params.mode, src=src, dst=dst,
+                        family=xfrm.family_of(dst))
+
     async def del_child_sa(self, params: ChildSaParams) -> None:
-        """Remove the pair's policies (if still this SA's) and both SAs."""
+        """Remove the pair's policies (if still this SA's) and both SAs.
+
+        A policy this pair owns while another pair of ours with the same selector remains
+        (two IKE SAs' pairs side by side, the newer one deleted first) passes to that pair
+        instead of going: removing it would leave the remaining SAs without policies, so the
+        host would answer their ESP in clear."""
         local, remote = _addr(params.local), _addr(params.remote)
         key = (local, remote, params.spi_in)
         entry = self._sas.pop(key, None)
         pols = entry[1] if entry else self._policy_selectors(params)
         for sp in pols:
+            owner = self._owners.get(sp)
             # policies since taken over (a rekeyed pair, a shunt) belong to their new owner
-            if entry is None or self._owners.get(sp) == key:
-                self._owners.pop(sp, None)
-                await self._remove(*sp)
+            if owner is not None and owner != key:
+                continue
+            heir = next((k for k, (_p, sels) in reversed(self._sas.items()) if sp in sels), None)
+            if heir is not None:
+                await self._install(*sp, RANK_SA, "allow", (self._template(self._sas[heir][0],
+                                                                           sp[1]),))
+                self._owners[sp] = heir
+                if sp[1] == "out":
+                    self._pairs[(local, remote)] = ("sa", heir)
+                continue
+            self._owners.pop(sp, None)
+            await self._remove(*sp)
         if self._pairs.get((local, remote)) == ("sa", key):
             self._pairs.pop((local, remote), None)
         await self.xfrm.del_sa(local, params.spi_in)
