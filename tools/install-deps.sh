@@ -32,4 +32,6 @@ if [ ! -x "$LSW/usr/libexec/ipsec/pluto" ]; then
   dpkg -x "$DL"/libreswan_*.deb "$LSW"
   rm -rf "$DL"
 fi
+# pluto's libunbound shim for the vm tier's DNS-keyed OE (tests/vm/ubshim.c explains why)
+[ "$TOP/tools/.cache/ubshim.so" -nt "$TOP/tests/vm/ubshim.c" ] || gcc -shared -fPIC -O2 -Wall -o "$TOP/tools/.cache/ubshim.so" "$TOP/tests/vm/ubshim.c" -ldl
 echo "install-deps: system packages ready; libreswan unpacked in $LSW"
