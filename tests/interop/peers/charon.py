@@ -35,7 +35,7 @@ class Charon:
     """One charon daemon in `host`. Use as a context manager or call start()/stop()."""
 
     def __init__(self, host: Host, *, name: str = "charon", cookie_threshold: int | None = None,
-                 log_keys: bool = False, retransmit_tries: int = 3):
+                 log_keys: bool = False, retransmit_tries: int = 3, backend: str = "libipsec"):
         self.host = host
         self.name = name
         self.dir = host.workdir / name
@@ -46,6 +46,9 @@ class Charon:
         self.cookie_threshold = cookie_threshold
         self.log_keys = log_keys
         self.retransmit_tries = retransmit_tries
+        if backend not in ("libipsec", "netlink"):
+            raise ValueError(f"backend {backend!r}: libipsec or netlink")
+        self.backend = backend  # netlink: the kernel's ESP (vm tier); libipsec: userspace ESP
         self.proc: subprocess.Popen | None = None
         self._vici: Vici | None = None
 
@@ -64,6 +67,7 @@ class Charon:
             retransmit_tries=self.retransmit_tries,
             ike_level=4 if self.log_keys else 2,
             chd_level=4 if self.log_keys else 2,
+            libipsec="kernel-libipsec" if self.backend == "libipsec" else "",
         ))
 
     def start(self, timeout: float = 10.0) -> "Charon":

@@ -28,11 +28,9 @@ config setup
     logappend=no
     dumpdir=/run
     plutodebug={debug}
-    dnssec-enable=no
-    ikev1-policy=drop
+{dnssec}    ikev1-policy=drop
     protostack=xfrm
-    listen={listen}
-
+{listen}
 conn %default
     # 4.10 rejects keyexchange=ikev2 ("invalid value")
     ikev2=insist
@@ -55,7 +53,9 @@ class Pluto:
     """One pluto in `host`, with an RSA host key in its own NSS db."""
 
     def __init__(self, host: Host, *, name: str = "pluto", rsa_bits: int = 3072,
-                 debug: str = "none", nss_template: Path | None = None):
+                 debug: str = "none", nss_template: Path | None = None,
+                 dns: tuple[str, Path] | None = None, preload: Path | None = None,
+                 listen: str | None = None):
         self.host = host
         self.name = name
         self.dir = host.workdir / name
@@ -66,6 +66,11 @@ class Pluto:
         self.rsa_bits = rsa_bits
         self.nss_template = nss_template  # an NSS db made by make_key() before, copied
         self.debug = debug
+        # dns = (nameserver, DS anchors file): %dnsondemand keys, DNSSEC-validated by pluto's
+        # libunbound, which reads a resolv.conf bind-mounted on /etc/resolv.conf
+        self.dns = dns
+        self.preload = preload  # LD_PRELOAD for pluto (e.g. the vm tier's libunbound shim)
+        self.listen = host.v4 if listen is None else listen  # "": every address (v4 and v6)
         self.conns: dict[str, str] = {}
         self.proc: subprocess.Popen | None = None
         self.ckaid = ""
@@ -106,7 +111,12 @@ class Pluto:
             self.addconn(name)
 
     def _write_conf(self) -> None:
-        text = SETUP.format(log=self.log, debug=self.debug, listen=self.host.v4)
+        dnssec = "    dnssec-enable=no\n"
+        if self.dns is not None:
+            dnssec = ("    dnssec-enable=yes\n    dnssec-rootkey-file=\"\"\n"
+                      f"    dnssec-anchors={self.dns[1]}\n")
+        listen = f"    listen={self.listen}\n" if self.listen else ""
+        text = SETUP.format(log=self.log, debug=self.debug, listen=listen, dnssec=dnssec)
         for name, body in self.conns.items():
             text += f"conn {name}\n{body.rstrip()}\n\n"
         self.conf.write_text(text)
@@ -123,11 +133,17 @@ class Pluto:
         self._write_conf()
         for stale in ("pluto.ctl", "pluto.pid"):
             (self.rundir / stale).unlink(missing_ok=True)
+        resolv = env = ""
+        if self.dns is not None:
+            (self.dir / "resolv.conf").write_text(f"nameserver {self.dns[0]}\n")
+            resolv = f"mount --bind '{self.dir}/resolv.conf' /etc/resolv.conf && "
+        if self.preload is not None:
+            env = f"env LD_PRELOAD='{self.preload}' "
         self.proc = self.host.popen(
             "unshare", "--mount", "--propagation", "private", "sh", "-c",
             f"mount -t overlay overlay -o 'lowerdir={self.dir}/libexec-add:/usr/libexec' "
-            f"/usr/libexec && mount --bind '{self.rundir}' /run && "
-            f"exec '{LIBRESWAN}/pluto' --config '{self.conf}' --rundir /run "
+            f"/usr/libexec && mount --bind '{self.rundir}' /run && {resolv}"
+            f"exec {env}'{LIBRESWAN}/pluto' --config '{self.conf}' --rundir /run "
             f"--nssdir '{self.nss}' --ipsecdir '{self.dir}/ipsec.d' "
             f"--secretsfile '{self.dir}/ipsec.secrets' --nofork",
             log=f"{self.name}.stdout", cwd=self.dir)
