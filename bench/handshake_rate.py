@@ -91,7 +91,13 @@ def serve(path: str) -> int:
         adapter.close()
         print(json.dumps(counts), flush=True)
 
-    asyncio.run(run())
+    if raw.get("profile"):  # --profile: where the responder's CPU goes (cProfile)
+        import cProfile
+        prof = cProfile.Profile()
+        prof.runcall(asyncio.run, run())
+        prof.dump_stats(raw["profile"])
+    else:
+        asyncio.run(run())
     return 0
 
 
@@ -151,6 +157,16 @@ def quiet_charon_class():
                           r"\g<1>-1", self.conf.read_text())
             self.conf.write_text(text.replace("flush_line = yes", "flush_line = no"))
     return QuietCharon
+
+
+def system_seconds(pid: int) -> float | None:
+    """stime of a process: kernel work it pays for (its sendto runs the veth/bridge path
+    into the peer's namespace), part of cpu_seconds."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[12]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def drive(ctl, ev, conn: str, n: int, window: int, done: set, stall: float = 15.0) -> dict:
@@ -219,9 +235,13 @@ def run_side(side, h1, h2, initiator, keys, auth, args, tag, QuietCharon) -> dic
                                                esp_proposals=ESP_PROPOSAL))
         else:
             cfg = h2.workdir / f"resp-{tag}.json"
+            prof = None
+            if args.profile:
+                (ROOT / "bench" / "results").mkdir(exist_ok=True)
+                prof = str(ROOT / "bench" / "results" / f"handshake_rate-profile-{tag}.pstats")
             cfg.write_text(json.dumps({"local": h2.v4, "remote": h1.v4,
                                        "key_pem": kb.private_pem.decode(),
-                                       "peer_pem": ka.public_pem.decode()}))
+                                       "peer_pem": ka.public_pem.decode(), "profile": prof}))
             log = f"resp-{tag}.log"
             resp_proc = h2.popen(sys.executable, str(Path(__file__).resolve()), "--serve",
                                  str(cfg), log=log, cwd=str(ROOT))
@@ -239,13 +259,15 @@ def run_side(side, h1, h2, initiator, keys, auth, args, tag, QuietCharon) -> dic
             drive(ctl, ev, conn, args.warmup, min(args.window, args.warmup), done)  # untimed
             settle(initiator, conn)
             pid = charon.proc.pid if charon is not None else resp_proc.pid
-            cpu0 = cpu_seconds(pid)
+            cpu0, sys0 = cpu_seconds(pid), system_seconds(pid)
             result = drive(ctl, ev, conn, args.n, args.window, done)
-            cpu1 = cpu_seconds(pid)
+            cpu1, sys1 = cpu_seconds(pid), system_seconds(pid)
             settle(initiator, conn)
             # the responder's CPU per handshake: robust to how busy the shared machine is
             result["responder_cpu_ms"] = (None if cpu0 is None or cpu1 is None
                                           else (cpu1 - cpu0) * 1000 / max(1, result["up"]))
+            result["responder_sys_ms"] = (None if sys0 is None or sys1 is None
+                                          else (sys1 - sys0) * 1000 / max(1, result["up"]))
         finally:
             ctl.close()
             ev.close()
@@ -295,7 +317,8 @@ def body(args) -> int:
                     runs[auth][side].append(m)
                     print(f"round {r} {auth:7s} {side:13s} {m['rate']:8.1f} /s "
                           f"({m['up']} up in {m['seconds']:.2f} s, {m['failed']} failed; "
-                          f"responder CPU {m['responder_cpu_ms']:.2f} ms per handshake)",
+                          f"responder CPU {m['responder_cpu_ms']:.2f} ms per handshake, "
+                          f"{m['responder_sys_ms']:.2f} of it in the kernel)",
                           flush=True)
         initiator.stop()
 
@@ -358,6 +381,9 @@ def main() -> int:
     ap.add_argument("--rounds", type=positive, default=None, help="A/B rounds (default 3)")
     ap.add_argument("--auth", choices=AUTHS, action="append",
                     help="ed25519 and/or rsa (default both)")
+    ap.add_argument("--profile", action="store_true",
+                    help="run the oe-agent responder under cProfile (slower; its rate and CPU "
+                         "are then not comparable); stats in bench/results/*.pstats")
     ap.add_argument("--serve", metavar="CONFIG", help=argparse.SUPPRESS)
     try:
         args = ap.parse_args()
