@@ -52,6 +52,7 @@ DEFAULT_PRIORITY_BASE = 0x0E0A0000
 REQID_COUNT = 0x10000
 PRIORITY_COUNT = 0x400
 RANK_ND, RANK_SA, RANK_SHUNT, RANK_GROUP = 0, 16, 32, 256
+SEAL_S = 120  # bound on a previous run's sealed SA pair policy (start() to the groups' traps)
 LARVAL_DROP = Path("/proc/sys/net/core/xfrm_larval_drop")
 UDP_ENCAP = 100  # linux/udp.h socket option
 ICMPV6, ND_TYPES = 58, (135, 136)  # neighbour solicitation / advertisement (RFC 4861)
@@ -173,6 +174,7 @@ class KernelDataplane:
         self._allocated: set[tuple] = set()  # (dst, spi) made larval by ALLOCSPI
         self._acquire_seq: dict[tuple, tuple] = {}  # (src, dst) -> (seq, policy index)
         self._base: list[tuple] = []  # (sel, dir) of the ND bypass policies
+        self._sealed: list[tuple] = []  # (sel, dir): a previous run's SA out policies, blocked
         self.resyncs = 0  # times the event socket overflowed and state was re-read
 
     # --- life cycle -------------------------------------------------------------------------
@@ -186,7 +188,7 @@ class KernelDataplane:
             self._larval_fd = os.open(LARVAL_DROP, os.O_RDWR | os.O_CLOEXEC)
             self._larval_drop_before = os.pread(self._larval_fd, 32, 0).strip()
             os.pwrite(self._larval_fd, b"0\n", 0)
-        await self.reconcile()
+        await self.reconcile(seal_pairs=True)
         self.capabilities = await probe(self.xfrm, self.probe_reqid)
         if self.nd_bypass:
             for t in ND_TYPES:
@@ -234,10 +236,15 @@ class KernelDataplane:
     def own_reqid(self, reqid: int) -> bool:
         return reqid in self.reqid_band
 
-    async def reconcile(self, keep_pairs: bool | None = None) -> tuple[int, int]:
+    async def reconcile(self, keep_pairs: bool | None = None,
+                        seal_pairs: bool = False) -> tuple[int, int]:
         """Delete own policies and SAs left from an earlier run; foreign ones stay. With
         keep_pairs (default: adopt_sas) own SA pairs and their policies stay (`adopted`).
-        Returns (policies removed, SAs removed)."""
+        With seal_pairs (at start) an SA pair's out policy that does not stay becomes a block
+        policy in place (SEAL_S lifetime) until a group policy covering its peer is installed:
+        the pair's traffic, encrypted until now (a stop with keep_sas), is dropped rather than
+        sent in clear before the groups' traps are back. Returns (policies removed or sealed,
+        SAs removed)."""
         np = ns = 0
         sas = await self.xfrm.sas()
         keep = set()
@@ -253,6 +260,14 @@ class KernelDataplane:
             if (p.priority == self._prio(RANK_SA) and p.templates
                     and all(t.reqid in keep for t in p.templates)):
                 continue
+            if (seal_pairs and p.priority == self._prio(RANK_SA) and p.dir == "out"
+                    and p.sel.src.num_addresses == 1 and p.sel.dst.num_addresses == 1
+                    and not p.mark and not p.if_id):
+                await self.xfrm.add_policy(p.sel, "out", priority=p.priority, action="block",
+                                           lifetime=Lifetime(hard_s=SEAL_S), update=True)
+                self._sealed.append((p.sel, "out"))
+                np += 1
+                continue
             if await self.xfrm.del_policy(p.sel, p.dir, mark=p.mark, if_id=p.if_id):
                 np += 1
         for sa in sas:
@@ -261,6 +276,15 @@ class KernelDataplane:
                     and await self.xfrm.del_sa(sa.dst, sa.spi, mark=sa.mark, if_id=sa.if_id)):
                 ns += 1
         return np, ns
+
+    async def _unseal(self, dst: IPNetwork) -> None:
+        """A group policy now covers dst: the sealed pairs whose peer is in it go (unless this
+        run has put its own SA or shunt there since)."""
+        for sel, d in [sp for sp in self._sealed
+                       if sp[0].dst.version == dst.version and sp[0].dst.subnet_of(dst)]:
+            self._sealed.remove((sel, d))
+            if (sel, d) not in self._owners:
+                await self._remove(sel, d)
 
     def new_reqid(self) -> int:
         """A fresh reqid from the band for one Child SA pair."""
@@ -317,6 +341,8 @@ class KernelDataplane:
             await self._install(sel, "out", rank, "block")
             await self._install(sel.reversed(), "in", rank, "block")
         self._groups[key] = kind
+        if self._sealed:
+            await self._unseal(dst)
 
     async def set_trap(self, dst: IPNetwork, proto: int = 0, port: int = 0) -> None:
         """Out policy with an ESP template: the first packet makes the kernel send ACQUIRE."""
@@ -527,6 +553,9 @@ class KernelDataplane:
         key = (local, remote, params.spi_in)
         entry = self._sas.pop(key, None)
         pols = entry[1] if entry else self._policy_selectors(params)
+        # the inbound SA first: from then on nothing of the peer's is decrypted, so nothing
+        # is answered in clear once the out policy is gone
+        await self.xfrm.del_sa(local, params.spi_in)
         for sp in pols:
             owner = self._owners.get(sp)
             # policies since taken over (a rekeyed pair, a shunt) belong to their new owner
@@ -544,7 +573,6 @@ class KernelDataplane:
             await self._remove(*sp)
         if self._pairs.get((local, remote)) == ("sa", key):
             self._pairs.pop((local, remote), None)
-        await self.xfrm.del_sa(local, params.spi_in)
         await self.xfrm.del_sa(remote, params.spi_out)
 
     async def counters(self) -> list[SaCounters]:

@@ -90,3 +90,50 @@ async def test_deleting_an_unknown_pair_keeps_policies_another_pair_owns(dp):
     await dp.del_child_sa(a)  # again: a stale delete
     assert len(view(dp)) == 2 and {s.spi for s in await dp.xfrm.sas()} == {0x3001, 0x3002}
     assert await dp.xfrm.get_policy(Selector.pair(A, B), "out") is not None
+
+
+async def test_delete_removes_the_inbound_sa_before_the_policies(dp):
+    """Once the out policy is gone a reply would go in clear: by then nothing of the peer's
+    may be decrypted any more."""
+    p = params(dp)
+    await dp.add_child_sa(p)
+    order = []
+    del_sa, del_pol = dp.xfrm.del_sa, dp.xfrm.del_policy
+
+    async def spy_sa(dst, spi, **kw):
+        order.append(("sa", spi))
+        return await del_sa(dst, spi, **kw)
+
+    async def spy_pol(sel, d, **kw):
+        order.append(("policy", d))
+        return await del_pol(sel, d, **kw)
+    dp.xfrm.del_sa, dp.xfrm.del_policy = spy_sa, spy_pol
+    await dp.del_child_sa(p)
+    assert order[0] == ("sa", p.spi_in) and order.index(("policy", "out")) > 0, order
+
+
+async def test_a_kept_pair_is_sealed_at_start_until_its_group_is_back():
+    """keep_sas_on_stop, then a start that does not adopt: the kept pair's out policy turns
+    into a block in place (bounded lifetime) instead of going, so the peer's traffic is not
+    sent in clear before the group's trap covers it; installing that group removes it."""
+    first = KernelDataplane()
+    first.xfrm = FakeXfrm()
+    first.xfrm.close = lambda: None
+    p = params(first)
+    await first.add_child_sa(p)
+    await first.set_trap("192.0.2.0/25")
+    xf = first.xfrm
+    await first.stop(keep_sas=True)
+    second = KernelDataplane()
+    second.xfrm = xf
+    await second.reconcile(seal_pairs=True)
+    assert await second.xfrm.sas() == []
+    (sealed,) = await second.xfrm.policies()
+    assert (sealed.sel, sealed.dir, sealed.action) == (Selector.pair(A, B), "out", "block")
+    assert 0 < sealed.lifetime.hard_s <= 300
+    await second.set_pass("198.51.100.0/24")  # another group: the seal stays
+    assert await second.xfrm.get_policy(Selector.pair(A, B), "out") == sealed
+    await second.set_trap("192.0.2.0/25")
+    assert await second.xfrm.get_policy(Selector.pair(A, B), "out") is None
+    assert {str(x.sel.dst) for x in await second.xfrm.policies()} == {"198.51.100.0/24",
+                                                                      "192.0.2.0/25"}
