@@ -24,7 +24,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import heapq
 import inspect
+import itertools
 import ipaddress
 import logging
 import os
@@ -47,6 +50,7 @@ log = logging.getLogger(__name__)
 TRAP, BLOCK, PASS = "trap", "block", "pass"
 EARLY_MAX, EARLY_S = 64, 2.0  # ESP kept from a peer we negotiate with, for an SA not in yet
 ACQUIRE_EXPIRES = 30.0  # like XFRM_ACQ_EXPIRES: one Acquire per destination per 30 s
+TUN_QUEUE = 8192  # packets the kernel queues on oe0 for us (an ACQUIRE storm's first packets)
 # worst-case ESP-in-UDP overhead over IPv6: outer IPv6 40 + UDP 8 + ESP 8 + IV 16 + pad 15 +
 # trailer 2 + ICV 16 = 105; the oe0 MTU keeps local packets within the underlay MTU.
 MAX_OVERHEAD = 105
@@ -110,7 +114,17 @@ class UserspaceDataplane:
         self._routes: dict[IPNetwork, str] = {}  # what the table holds: "oe0" or "throw"
         self._sa_routes: collections.Counter[IPNetwork] = collections.Counter()
         self._port_rules: set[tuple[IPNetwork, int, int]] = set()
-        self._dirty: set[IPNetwork] = set()  # routes to re-sync (shunt expiry in the data path)
+        self._dirty: set[IPNetwork] = set()  # routes to re-sync at the next flush
+        self._defer = 0  # > 0 inside coalesce(): the kernel side waits for its end
+        self._flush_lock = asyncio.Lock()
+        # (when, seq, kind, key, obj): SA lifetimes, shunt expiry, acquires; an entry whose
+        # obj is no longer the live one is stale and skipped (no O(state) walk per wakeup)
+        self._deadlines: list[tuple[float, int, str, object, object]] = []
+        self._seq = itertools.count()
+        # group policies by (version, prefix length, network as int): a lookup per prefix
+        # length present, without building ip_network objects on the packet path
+        self._by_key: dict[tuple[int, int, int], dict[tuple[int, int], str]] = {}
+        self._plens: dict[int, list[int]] = {4: [], 6: []}
         self.raw_esp = False
         self._reassembler = packet.Reassembler()
         self._rules_installed = False
@@ -121,7 +135,9 @@ class UserspaceDataplane:
         self._early: dict[int, list[tuple[float, bytes, tuple]]] = {}
         self._early_count = 0
         self._inbound = NftInbound(ifname, (500, 4500, udp_port))
-        self._sa_in_nets: list[IPNetwork] = []
+        self._in_applied: set[IPNetwork] | None = set()  # the nft `sa` sets now (None: unknown)
+        self._in_dirty = False
+        self._wide_sa_nets = 0  # SA networks wider than one address (their /32s may overlap)
         self.inbound_block = False  # nftables drops clear packets from blocked sources
         self._blocked_in: list[IPNetwork] = []
 
@@ -158,7 +174,10 @@ class UserspaceDataplane:
                     f.write(value)
             except OSError as e:
                 log.warning("cannot set %s: %s", path, e)
-        await self._ipr.link("set", index=self._ifindex, mtu=self.mtu, state="up")
+        # the TUN ring (txqueuelen, 500 by default) holds what the host sent while this loop
+        # was busy: a burst of first packets to new destinations must not be dropped there
+        await self._ipr.link("set", index=self._ifindex, mtu=self.mtu, txqlen=TUN_QUEUE,
+                             state="up")
         await self._remove_rules()  # a crashed run's rules (ours by priority and table)
         for fam in (socket.AF_INET, socket.AF_INET6):
             await self._ipr.flush_routes(table=self.table, family=fam)
@@ -213,8 +232,13 @@ class UserspaceDataplane:
             s.close()
         self._clear.clear()
         if self._ipr is not None:
-            for net in list(self._routes):
-                await self._route_del(net)
+            if self._routes:  # the table is ours alone: one flush, not a request per route
+                for fam in (socket.AF_INET, socket.AF_INET6):
+                    try:
+                        await self._ipr.flush_routes(table=self.table, family=fam)
+                    except Exception as e:
+                        log.debug("flush table %d: %s", self.table, e)
+                self._routes.clear()
             for key in list(self._port_rules):
                 await self._port_rule(key, add=False)
             if self._rules_installed:
@@ -223,6 +247,7 @@ class UserspaceDataplane:
         if self.inbound_block:
             await self._inbound.stop()
             self.inbound_block = False
+        if self._ipr is not None:
             self._ipr.close()
             self._ipr = None
         if self._tun is not None:
@@ -304,6 +329,40 @@ class UserspaceDataplane:
         except Exception as e:
             log.debug("route %s: %s", net, e)
 
+    @contextlib.asynccontextmanager
+    async def coalesce(self):
+        """Changes made inside reach the kernel once, at the end: every route that changed is
+        synced once and the inbound SA set gets one incremental nftables transaction, however
+        many SAs and shunts changed. The userspace side (SAs, shunts, held packets) changes at
+        once, as outside. Nests; the outermost end flushes."""
+        self._defer += 1
+        try:
+            yield self
+        finally:
+            self._defer -= 1
+            if not self._defer:
+                await self.flush()
+
+    async def _commit(self) -> None:
+        """After a change: reach the kernel now, unless inside coalesce()."""
+        self._wake.set()
+        if not self._defer:
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Sync every route marked dirty and the inbound SA set (one caller at a time: a route
+        is never added twice by two tasks racing)."""
+        async with self._flush_lock:
+            while self._dirty:
+                net = self._dirty.pop()
+                try:
+                    await self._sync_route(net)
+                except Exception as e:  # one bad route must not stop the others
+                    log.warning("route %s: %s", net, e)
+            if self._in_dirty:
+                self._in_dirty = False
+                await self._sync_inbound_sas()
+
     async def _sync_route(self, net: IPNetwork) -> None:
         """The table entry for `net` from what wants it: SAs and trap/block policies need oe0;
         a pass policy or pass shunt alone makes it a route exception."""
@@ -351,9 +410,18 @@ class UserspaceDataplane:
         else:
             self._policies[key] = kind
             self._by_net.setdefault(net, {})[(proto, port)] = kind
+        nkey = (net.version, net.prefixlen, int(net.network_address))
+        if net in self._by_net:
+            self._by_key[nkey] = self._by_net[net]
+        else:
+            self._by_key.pop(nkey, None)
+        for v in (4, 6):
+            self._plens[v] = sorted({n.prefixlen for n in self._by_net if n.version == v},
+                                    reverse=True)
         if (proto or port) and (kind == PASS) != (key in self._port_rules):
             await self._port_rule(key, add=kind == PASS)
-        await self._sync_route(net)
+        self._dirty.add(net)
+        await self._commit()
         blocked = effective_block((n, k) for (n, pr, po), k in self._policies.items()
                                   if not (pr or po))  # port-specific blocks: outbound only
         if blocked != self._blocked_in:
@@ -378,10 +446,11 @@ class UserspaceDataplane:
         lookup per prefix length, however many policies there are."""
         if not self._by_net:
             return None
-        dst = info.dst
-        bits = dst.max_prefixlen
-        for plen in range(bits, -1, -1):
-            by_port = self._by_net.get(ipaddress.ip_network((dst, plen), strict=False))
+        v = info.version
+        bits = 32 if v == 4 else 128
+        x = int.from_bytes(info.dst_b, "big")
+        for plen in self._plens[v]:
+            by_port = self._by_key.get((v, plen, x >> (bits - plen) << (bits - plen)))
             if by_port:
                 for key in ((info.proto, info.dport), (info.proto, 0), (0, 0)):
                     kind = by_port.get(key)
@@ -394,19 +463,21 @@ class UserspaceDataplane:
     async def set_shunt(self, local: IPAddress, remote: IPAddress, kind: ShuntKind,
                         lifetime_s: int) -> None:
         now = self.clock()
-        self._shunts[remote] = _Shunt(local, kind, now + lifetime_s if lifetime_s else None)
+        shunt = self._shunts[remote] = _Shunt(local, kind, now + lifetime_s if lifetime_s else None)
+        if shunt.expires is not None:
+            self._at(shunt.expires, "shunt", remote, shunt)
         self._acquiring.pop(remote, None)
-        await self._sync_route(ipaddress.ip_network(remote))
+        self._dirty.add(ipaddress.ip_network(remote))
         if kind is ShuntKind.PASS:
             self._release(remote, clear=True)
         elif kind is ShuntKind.DROP:
             self._drop_held(remote)
-        self._wake.set()
+        await self._commit()
 
     async def clear_shunt(self, local: IPAddress, remote: IPAddress) -> None:
         if self._shunts.pop(remote, None) is not None:
-            await self._sync_route(ipaddress.ip_network(remote))
-        self._wake.set()
+            self._dirty.add(ipaddress.ip_network(remote))
+        await self._commit()
 
     # --- Child SAs ---------------------------------------------------------------------------
 
@@ -428,17 +499,28 @@ class UserspaceDataplane:
             raise UserError(f"Child SA {params.spi_in:#010x}: {e}") from None
         self._sa_in[params.spi_in] = sa
         self._spi_reserved.pop(params.spi_in, None)
+        deadline = sa.next_deadline()
+        if deadline is not None:
+            self._at(deadline, "sa", params.spi_in, sa)
         for ts in sa.ts_remote:
             net = ts.network() if ts.start != ts.end else ipaddress.ip_network(ts.start)
             if ts.start == ts.end:
                 self._sa_host.setdefault(ts.start.packed, []).append(sa)
             else:
                 self._sa_nets.append(sa)
+                self._wide_sa_nets += 1
+            if not self._sa_routes[net]:
+                self._in_dirty = True
             self._sa_routes[net] += 1
-            await self._sync_route(net)
-        await self._sync_inbound_sas()
-        for dst in list(self._held):
-            if any(ts.start <= dst <= ts.end for ts in sa.ts_remote if ts.version == dst.version):
+            self._dirty.add(net)
+        # what the trap held for a destination the SA covers goes out through it, in order
+        for ts in sa.ts_remote:
+            if ts.start == ts.end:
+                dsts = [ts.start] if ts.start in self._held else []
+            else:
+                dsts = [d for d in self._held
+                        if d.version == ts.version and ts.start <= d <= ts.end]
+            for dst in dsts:
                 self._acquiring.pop(dst, None)
                 self._release(dst, clear=False)
         early = self._early.pop(params.spi_in, ())
@@ -446,23 +528,42 @@ class UserspaceDataplane:
         for _, data, addr in early:
             self.stats["early-esp-delivered"] += 1
             self.esp_received(data, addr)
-        self._wake.set()
+        await self._commit()
 
     async def del_child_sa(self, params: ChildSaParams) -> None:
         sa = self._sa_in.get(params.spi_in)
         if sa is not None:
             self._remove_sa(sa)
-        while self._dirty:
-            await self._sync_route(self._dirty.pop())
-        await self._sync_inbound_sas()
+        await self._commit()
+
+    def _inbound_elements(self) -> set[IPNetwork]:
+        """The SA networks as disjoint set elements: a network inside a wider one is left out
+        (interval sets refuse overlaps)."""
+        nets = set(self._sa_routes)
+        if self._wide_sa_nets:
+            wide = [n for n in nets if n.prefixlen < n.max_prefixlen]
+            nets = {n for n in nets if not any(w != n and w.version == n.version
+                                               and n.subnet_of(w) for w in wide)}
+        return nets
 
     async def _sync_inbound_sas(self) -> None:
-        """Peers with an SA send nothing in the clear to us any more (XFRM `in` policy)."""
-        nets = sorted(self._sa_routes, key=lambda n: (n.version, n))
-        if nets != self._sa_in_nets:
-            self._sa_in_nets = nets
-            if self.inbound_block:
-                await self._inbound.apply(nets, "sa")
+        """Peers with an SA send nothing in the clear to us any more (XFRM `in` policy): the
+        nftables `sa` sets change by the difference since the last sync, in one transaction
+        (a full re-apply only if that failed: state unknown)."""
+        if not self.inbound_block:
+            return
+        want = self._inbound_elements()
+        if self._in_applied is not None:
+            add, gone = want - self._in_applied, self._in_applied - want
+            if not add and not gone:
+                return
+            if await self._inbound.update("sa", add, gone):
+                self._in_applied = want
+                return
+            log.warning("inbound SA set: incremental update failed (%s); re-applying",
+                        self._inbound.error)
+        self._in_applied = want if await self._inbound.apply(sorted(
+            want, key=lambda n: (n.version, n)), "sa") else None
 
     def _remove_sa(self, sa: ChildSa) -> None:
         """Forget `sa` now; its routes are re-synced by the caller or the timer loop."""
@@ -479,9 +580,11 @@ class UserspaceDataplane:
                     self._sa_host.pop(ts.start.packed, None)
             elif sa in self._sa_nets:
                 self._sa_nets.remove(sa)
+                self._wide_sa_nets -= 1
             self._sa_routes[net] -= 1
             if self._sa_routes[net] <= 0:
                 del self._sa_routes[net]
+                self._in_dirty = True
             self._dirty.add(net)
         self._wake.set()
 
@@ -553,6 +656,7 @@ class UserspaceDataplane:
             since = self._acquiring.get(dst)
             if since is None or now - since >= ACQUIRE_EXPIRES:
                 self._acquiring[dst] = now
+                self._at(now + ACQUIRE_EXPIRES, "acquire", dst, now)
                 self._held.pop(dst, None)  # an old, abandoned hold is not released later
                 self._events.put_nowait(Acquire(info.src, dst, info.proto, info.sport,
                                                 info.dport, packet=pkt))
@@ -697,46 +801,71 @@ class UserspaceDataplane:
             self._events.put_nowait(PolicyExpire(ipaddress.ip_network(shunt.local),
                                                  ipaddress.ip_network(remote), 0, True))
 
+    def _at(self, when: float, kind: str, key, obj) -> None:
+        """Something of `kind` may be due at `when` (checked against the live state then)."""
+        heapq.heappush(self._deadlines, (when, next(self._seq), kind, key, obj))
+        if len(self._deadlines) > 64 + 4 * (len(self._sa_in) + len(self._shunts)
+                                            + len(self._acquiring)):
+            self._compact_deadlines()
+
+    def _compact_deadlines(self) -> None:
+        """Drop stale entries (replaced shunts, removed SAs): the heap stays O(live state)."""
+        live = [e for e in self._deadlines if self._live(e)]
+        heapq.heapify(live)
+        self._deadlines = live
+
+    def _live(self, e) -> bool:
+        _, _, kind, key, obj = e
+        if kind == "sa":
+            return self._sa_in.get(key) is obj
+        if kind == "shunt":
+            return self._shunts.get(key) is obj
+        return self._acquiring.get(key) == obj
+
     def poll(self, now: float) -> float | None:
         """Fire what is due at `now` (SA lifetimes, shunt expiry, abandoned holds); return the
-        next deadline."""
+        next deadline. Work is per due item, not per SA or shunt held."""
+        dl = self._deadlines
+        again = []
+        while dl and dl[0][0] <= now:
+            e = heapq.heappop(dl)
+            if not self._live(e):
+                continue
+            _, _, kind, key, obj = e
+            if kind == "sa":
+                obj.poll_into(now)
+                self._drain(obj)
+                d = obj.next_deadline()
+                if d is not None and self._sa_in.get(key) is obj:
+                    again.append((d, next(self._seq), kind, key, obj))
+            elif kind == "shunt":
+                self._expire_shunt(key, obj)
+            else:  # the acquire was never answered: what it held goes
+                del self._acquiring[key]
+                if key not in self._shunts:
+                    self._drop_held(key)
+        for e in again:  # after the loop: a deadline not in the future is not refired now
+            heapq.heappush(dl, e)
         nxt: list[float] = []
-        for sa in list(self._sa_in.values()):
-            sa.poll_into(now)
-            self._drain(sa)
-            d = sa.next_deadline()
-            if d is not None:
-                nxt.append(d)
-        for remote, shunt in list(self._shunts.items()):
-            if shunt.expires is not None:
-                if shunt.expires <= now:
-                    self._expire_shunt(remote, shunt)
-                else:
-                    nxt.append(shunt.expires)
-        for spi, early in list(self._early.items()):
+        for spi, early in list(self._early.items()):  # at most EARLY_MAX packets
             if now - early[0][0] >= EARLY_S:  # its SA never came: unknown SPI after all
                 del self._early[spi]
                 self._early_count -= len(early)
                 self.stats["unknown-spi"] += len(early)
             else:
                 nxt.append(early[0][0] + EARLY_S)
-        for dst, since in list(self._acquiring.items()):
-            if now - since >= ACQUIRE_EXPIRES:
-                del self._acquiring[dst]
-                if dst not in self._shunts:
-                    self._drop_held(dst)
-            else:
-                nxt.append(since + ACQUIRE_EXPIRES)
+        while dl and not self._live(dl[0]):
+            heapq.heappop(dl)
+        if dl:
+            nxt.append(dl[0][0])
         return min(nxt) if nxt else None
 
     async def _timer_loop(self) -> None:
         while True:
             self._wake.clear()
             nxt = self.poll(self.clock())
-            if self._dirty:
-                while self._dirty:
-                    await self._sync_route(self._dirty.pop())
-                await self._sync_inbound_sas()
+            if (self._dirty or self._in_dirty) and not self._defer:
+                await self.flush()
             timeout = None if nxt is None else max(0.0, nxt - self.clock())
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout)

@@ -90,10 +90,11 @@ class NftInbound:
             self.available, self.error = False, err or f"nft exited {rc}"
         return self.available
 
-    async def apply(self, nets: list[IPNetwork], kind: str = "block") -> None:
-        """Make the `kind` ("block" or "sa") sets hold exactly `nets` (one nft transaction)."""
+    async def apply(self, nets: list[IPNetwork], kind: str = "block") -> bool:
+        """Make the `kind` ("block" or "sa") sets hold exactly `nets` (one nft transaction).
+        False (and `error` set) if nft refused it."""
         if not self.available:
-            return
+            return False
         lines = []
         for v in (4, 6):
             name = f"{kind}{v}"
@@ -102,9 +103,30 @@ class NftInbound:
                 [n for n in nets if n.version == v])] if any(n.version == v for n in nets) else []
             if elems:
                 lines.append(f"add element inet {self.table} {name} {{ {', '.join(elems)} }}")
+        return await self._run(lines)
+
+    async def update(self, kind: str, add: Iterable[IPNetwork],
+                     remove: Iterable[IPNetwork]) -> bool:
+        """Change the `kind` sets by difference, in one nft transaction: work in proportion to
+        the change, not to the set. The caller keeps the elements disjoint (interval sets
+        refuse overlaps); removals go first, so a network may be replaced by a wider one.
+        False (and `error` set) if nft refused it: then nothing changed (a transaction)."""
+        if not self.available:
+            return False
+        lines = []
+        for verb, nets in (("delete", list(remove)), ("add", list(add))):
+            for v in (4, 6):
+                elems = [str(n) for n in nets if n.version == v]
+                if elems:
+                    lines.append(f"{verb} element inet {self.table} {kind}{v} "
+                                 f"{{ {', '.join(elems)} }}")
+        return await self._run(lines) if lines else True
+
+    async def _run(self, lines: list[str]) -> bool:
         rc, err = await self._nft("\n".join(lines) + "\n")
         if rc != 0:
             self.error = err or f"nft exited {rc}"
+        return rc == 0
 
     async def stop(self) -> None:
         if self.available:
