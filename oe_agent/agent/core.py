@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import heapq
 import ipaddress
 import itertools
@@ -37,6 +38,8 @@ UNAUTHENTICATED = "unauthenticated"  # the marker supply_peer_keys takes for AUT
 HISTORY = 32                         # negotiation history lines kept per peer
 MAX_PEERS = 4096                     # idle peer records kept for `explain` (memory bound)
 GRACE_S = 5.0                        # a superseded SA pair still decrypts this long
+TURN_MAX = 64                        # inputs handled per turn before the kernel sync + a yield
+TURN_S = 0.05                        # ... or this much time, whichever comes first
 
 
 # --- what the IKE side is asked to do, and what it reports -------------------------------
@@ -130,6 +133,8 @@ class _Request:
 
 
 IkeInput = IkeRequest | KeyNeeded | ChildUp | ChildRekeyed | ChildGone | Failed
+_WAKE = object()  # queued by request(): the core looks at its requests
+_MUTATING = {"acquire", "reload"}  # requests answered only once their changes are synced
 
 
 # --- per-peer record ----------------------------------------------------------------------
@@ -186,6 +191,12 @@ class Agent:
         self._stopping = False
         self._running: asyncio.Event | None = None  # set while run() is in its loop
         self.metrics = collections.Counter()
+        self._requests: collections.deque[_Request] = collections.deque()  # served first
+        self._first: Any = None  # the input that ended the wait for one
+        self._depth = 0  # > 0 while a turn's dataplane changes are coalesced
+        self._after_sync: list[Callable[[], None]] = []  # run once the turn's sync is done
+        self._spi_in: dict[int, IPAddress] = {}  # our inbound SPI -> peer (SaExpire lookup)
+        self._spi_out: dict[tuple[int, IPAddress], IPAddress] = {}  # (peer's SPI, peer)
 
     # --- inputs: posted by adapters -------------------------------------------------------
 
@@ -194,9 +205,11 @@ class Agent:
         self.queue.put_nowait(item)
 
     async def request(self, verb: str, **args) -> Any:
-        """A control request, answered by the core task (so reads see consistent state)."""
+        """A control request, answered by the core task (so reads see consistent state). It
+        goes ahead of queued events: a storm's backlog must not make the control API wait."""
         fut = asyncio.get_running_loop().create_future()
-        self.post(_Request(verb, args, fut))
+        self._requests.append(_Request(verb, args, fut))
+        self.post(_WAKE)
         return await fut
 
     def may_respond(self, remote: IPAddress) -> bool:
@@ -212,34 +225,92 @@ class Agent:
     async def start(self) -> None:
         """Probe the dataplane, install the groups' kernel state, start static peers."""
         self.capabilities = await self.dataplane.start()
-        await self._apply(diff(frozenset(), self.groups.kernel_state()))
-        self.kernel_state = self.groups.kernel_state()
-        for p in self.config.peers:
-            if p.start == "trap":
-                await self.dataplane.set_trap(ipaddress.ip_network(p.address))
-            if p.start == "now":
-                await self._input(self._peer(p.address), PeerInput.ACQUIRE,
-                                  Acquire(src=self._local_for(p.address), dst=p.address))
+        async with self._coalesced():
+            await self._apply(diff(frozenset(), self.groups.kernel_state()))
+            self.kernel_state = self.groups.kernel_state()
+            for p in self.config.peers:
+                if p.start == "trap":
+                    await self.dataplane.set_trap(ipaddress.ip_network(p.address))
+                if p.start == "now":
+                    await self._input(self._peer(p.address), PeerInput.ACQUIRE,
+                                      Acquire(src=self._local_for(p.address), dst=p.address))
 
     async def run(self) -> None:
-        """Handle queued inputs and timers until stop()."""
+        """Handle queued inputs and timers until stop(), a turn at a time (`_turn`)."""
         events = asyncio.create_task(self._pump_dataplane())
         self._running = asyncio.Event()
         self._running.set()
         try:
             while not self._stopping:
-                deadline = self.next_deadline()
-                timeout = None if deadline is None else max(0.0, deadline - self.clock())
-                try:
-                    item = await asyncio.wait_for(self.queue.get(), timeout)
-                except asyncio.TimeoutError:
-                    item = None
-                if item is not None:
-                    await self.handle(item)
-                await self.on_timers(self.clock())
+                if self.queue.empty() and not self._requests:
+                    deadline = self.next_deadline()
+                    timeout = None if deadline is None else max(0.0, deadline - self.clock())
+                    try:
+                        await asyncio.wait_for(self._wait_input(), timeout)
+                    except asyncio.TimeoutError:
+                        pass
+                await self._turn()
+                await asyncio.sleep(0)  # a busy queue must not starve sockets and timers
         finally:
             events.cancel()
             self._running.clear()
+
+    async def _wait_input(self) -> None:
+        self._first = await self.queue.get()  # handled first by the next turn
+
+    async def _turn(self) -> None:
+        """Control requests first, then up to TURN_MAX queued inputs (or TURN_S of them), then
+        due timers. The dataplane's kernel side (routes, nftables) is synced once for the
+        whole turn; only then does the IKE side hear that its SAs are in (so the peer is
+        answered once its SA can be used) and do mutating requests get their answer."""
+        try:
+            async with self._coalesced():
+                first, self._first = self._first, None
+                while self._requests:
+                    await self.handle(self._requests.popleft())
+                if first is not None and first is not _WAKE:
+                    await self.handle(first)
+                until = time.monotonic() + TURN_S
+                for _ in range(TURN_MAX):
+                    if self.queue.empty() or self._stopping:
+                        break
+                    item = self.queue.get_nowait()
+                    if item is not None and item is not _WAKE:
+                        await self.handle(item)
+                    if self._requests or time.monotonic() > until:
+                        break
+                await self.on_timers(self.clock())
+        except Exception:  # the sync at the turn's end failed: logged, the agent goes on
+            log.exception("dataplane sync failed")
+
+    @contextlib.asynccontextmanager
+    async def _coalesced(self):
+        """Coalesce the dataplane changes made inside (if the dataplane can: `coalesce()`);
+        afterwards run what waited for them to be in the kernel."""
+        co = getattr(self.dataplane, "coalesce", None)
+        self._depth += 1
+        try:
+            if co is None:
+                yield
+            else:
+                async with co():
+                    yield
+        finally:
+            self._depth -= 1
+            if not self._depth:
+                done, self._after_sync = self._after_sync, []
+                for fn in done:
+                    try:
+                        fn()
+                    except Exception:
+                        log.exception("after the dataplane sync")
+
+    def _when_synced(self, fn: Callable[[], None]) -> None:
+        """Run fn once this turn's dataplane changes are in (at once outside a turn)."""
+        if self._depth:
+            self._after_sync.append(fn)
+        else:
+            fn()
 
     async def _pump_dataplane(self) -> None:
         async for ev in self.dataplane.events():
@@ -249,10 +320,19 @@ class Agent:
         """One input; errors are logged, never fatal to the agent."""
         try:
             if isinstance(item, _Request):
+                fut = item.future
                 try:
-                    item.future.set_result(await self._control(item.verb, item.args))
+                    result = await self._control(item.verb, item.args)
                 except UserError as e:
-                    item.future.set_exception(e)
+                    if not fut.done():
+                        fut.set_exception(e)
+                    return
+                if item.verb in _MUTATING:  # answered once what it changed is in
+                    self._when_synced(lambda: fut.done() or fut.set_result(result))
+                elif not fut.done():
+                    fut.set_result(result)
+                return
+            if item is _WAKE:
                 return
             # by MRO: dataplanes send subclasses (the kernel's KernelAcquire is an Acquire)
             handler = next((self._HANDLERS[c] for c in type(item).__mro__
@@ -294,15 +374,20 @@ class Agent:
             await asyncio.sleep(0.01)
         for t in list(self._tasks):
             t.cancel()
-        for params in self._doomed.values():
-            await self._dp_del(params)
-        self._doomed.clear()
         keep = self.config.keep_sas_on_stop
-        if not keep:
-            for p in list(self.peers.values()):
-                await self._input(p, PeerInput.STOP, None)
-            await self._apply(diff(self.kernel_state, frozenset()))
-            self.kernel_state = frozenset()
+        async with self._coalesced():
+            for params in self._doomed.values():
+                await self._dp_del(params)
+            self._doomed.clear()
+            if not keep:
+                for p in list(self.peers.values()):
+                    await self._input(p, PeerInput.STOP, None)
+                await self._apply(diff(self.kernel_state, frozenset()))
+                self.kernel_state = frozenset()
+        while self._requests:  # asked while stopping: answered, not left waiting
+            r = self._requests.popleft()
+            if not r.future.done():
+                r.future.set_exception(UserError("the agent is stopping"))
         await self.dataplane.stop(keep_sas=keep)
 
     # --- dataplane events -------------------------------------------------------------------
@@ -320,19 +405,24 @@ class Agent:
         await self._input(p, PeerInput.ACQUIRE, acq)
 
     async def _on_sa_expire(self, ev: SaExpire) -> None:
-        for p in self.peers.values():
-            child = p.children.get(ev.spi)
-            if child is None:
-                child = next((c for c in p.children.values() if c.spi_out == ev.spi), None)
-            if child is not None:
-                if ev.hard:
-                    p.children.pop(child.spi_in, None)
-                    p.history.append((self.clock(), f"SA {child.spi_in:08x} hard-expired"))
-                    if not p.children:
-                        await self._input(p, PeerInput.SA_GONE, None)
-                else:
-                    await self._input(p, PeerInput.REKEY_DUE, child)
-                return
+        remote = self._spi_in.get(ev.spi)  # our SPI (inbound), else the peer's (outbound)
+        if remote is None:
+            remote = self._spi_out.get((ev.spi, ev.dst))
+        p = self.peers.get(remote) if remote is not None else None
+        if p is None:
+            return
+        child = p.children.get(ev.spi)
+        if child is None:
+            child = next((c for c in p.children.values() if c.spi_out == ev.spi), None)
+        if child is None:
+            return
+        if ev.hard:
+            self._forget_child(p, child)
+            p.history.append((self.clock(), f"SA {child.spi_in:08x} hard-expired"))
+            if not p.children:
+                await self._input(p, PeerInput.SA_GONE, None)
+        else:
+            await self._input(p, PeerInput.REKEY_DUE, child)
 
     async def _on_policy_expire(self, ev: PolicyExpire) -> None:
         # The kernel dataplane may put lifetimes on shunt policies; our heap is the clock that
@@ -373,14 +463,14 @@ class Agent:
             await self._input(p, PeerInput.CHILD_UP, ev)
         finally:
             if ev.installed is not None:
-                ev.installed()
+                self._when_synced(ev.installed)
 
     async def _on_child_rekeyed(self, ev: ChildRekeyed) -> None:
         try:
             await self._input(self._peer(ev.remote), PeerInput.REKEYED, ev)
         finally:
             if ev.installed is not None:
-                ev.installed()
+                self._when_synced(ev.installed)
 
     async def _on_child_gone(self, ev: ChildGone) -> None:
         p = self._peer(ev.remote)
@@ -583,8 +673,7 @@ class Agent:
             self.shunts.remove(p.remote)
             await self.dataplane.clear_shunt(params.local, p.remote)
         self.shunts.succeeded(p.remote)
-        p.children[params.spi_in] = params
-        p.child_ike[params.spi_in] = ev.ike_id
+        self._add_child(p, params, ev.ike_id)
         p.local = params.local
         now = self.clock()
         p.up_since, p.last_active, p.last_bytes = now, now, -1
@@ -602,8 +691,7 @@ class Agent:
         the peer's Delete, or liveness)."""
         params = self._soft_lifetime(ev)
         await self.dataplane.add_child_sa(params)
-        p.children[params.spi_in] = params
-        p.child_ike[params.spi_in] = ev.ike_id
+        self._add_child(p, params, ev.ike_id)
         if isinstance(ev, ChildRekeyed):
             old = p.children.get(ev.old_spi_in)
             if old is not None and ev.old_spi_in != params.spi_in:
@@ -673,8 +761,18 @@ class Agent:
         self._forget_child(p, c)
         await self._dp_del(c)
 
+    def _add_child(self, p: Peer, c: ChildSaParams, ike_id: Any) -> None:
+        p.children[c.spi_in] = c
+        p.child_ike[c.spi_in] = ike_id
+        self._spi_in[c.spi_in] = p.remote
+        self._spi_out[(c.spi_out, p.remote)] = p.remote
+
     def _forget_child(self, p: Peer, c: ChildSaParams) -> None:
-        p.children.pop(c.spi_in, None)
+        if p.children.pop(c.spi_in, None) is not None:
+            if self._spi_in.get(c.spi_in) == p.remote:
+                del self._spi_in[c.spi_in]
+            if not any(o.spi_out == c.spi_out for o in p.children.values()):
+                self._spi_out.pop((c.spi_out, p.remote), None)
         p.child_ike.pop(c.spi_in, None)
 
     async def _dp_del(self, c: ChildSaParams) -> None:
@@ -837,7 +935,7 @@ class Agent:
                 "peers_changed": dropped}
 
     def _sorted_peers(self) -> list[Peer]:
-        return sorted(self.peers.values(), key=lambda p: (p.remote.version, p.remote))
+        return sorted(self.peers.values(), key=lambda p: (p.remote.version, int(p.remote)))
 
     def _sa_record(self, p: Peer, c: ChildSaParams, now: float) -> dict:
         return {"remote": str(p.remote), "local": str(c.local), "spi_in": f"{c.spi_in:08x}",
