@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import ipaddress
 import json
+import os
 import resource
 import signal
 import sys
@@ -42,6 +44,7 @@ DNS_V4, DNS_V6 = "192.0.2.53", "2001:db8::53"
 V6_NET = "2001:db8:b::/64"
 MAX_N = 2000  # each destination is an address, a socket pair on the responder, a peer
 SETTLE_TIMEOUT = 180.0
+TIMELINE_STATES = ("up", "shunted", "negotiating", "responding", "trap")
 
 
 def destinations(n: int) -> list[str]:
@@ -72,6 +75,45 @@ def serve_dns(zone_dir: str, anchors: str, out: str) -> int:
         await server.close()
 
     asyncio.run(run())
+    return 0
+
+
+def run_sampled(out: str, argv: list[str]) -> int:
+    """Run `python -m oe_agent ARGV` under a statistical profiler (stdlib only): a CPU-time
+    timer (ITIMER_PROF, every 5 ms of the process's CPU) interrupts the main thread, whose
+    stack is counted; at exit leaf functions, inclusive counts and whole stacks go to `out`.
+    Unlike cProfile it barely slows the agent, so the shares are those of a normal run."""
+    import runpy
+
+    stacks: collections.Counter = collections.Counter()
+
+    def sample(signum, frame) -> None:
+        st = []
+        while frame is not None and len(st) < 40:
+            code = frame.f_code
+            st.append(f"{code.co_filename.rsplit('/', 1)[-1]}:{code.co_name}:{frame.f_lineno}")
+            frame = frame.f_back
+        stacks[tuple(reversed(st))] += 1
+
+    signal.signal(signal.SIGPROF, sample)
+    signal.setitimer(signal.ITIMER_PROF, 0.005, 0.005)
+    sys.argv = ["oe_agent", *argv]
+    try:
+        runpy.run_module("oe_agent", run_name="__main__")
+    except SystemExit:
+        pass
+    finally:
+        signal.setitimer(signal.ITIMER_PROF, 0, 0)
+        leaf: collections.Counter = collections.Counter()
+        incl: collections.Counter = collections.Counter()
+        for st, c in stacks.items():
+            leaf[st[-1]] += c
+            for fn in set(":".join(f.split(":")[:2]) for f in st):
+                incl[fn] += c
+        Path(out).write_text(json.dumps({
+            "interval_cpu_s": 0.005, "samples": sum(stacks.values()),
+            "inclusive": incl.most_common(300), "leaf": leaf.most_common(150),
+            "stacks": [[list(st), c] for st, c in stacks.most_common(400)]}, indent=1))
     return 0
 
 
@@ -244,7 +286,11 @@ def body(args) -> int:
             f'[identity]\nkey = "{a.workdir / "hostkey.pem"}"\n'
             f'[dns]\nresolvers = ["{DNS_V4}"]\ntrust_anchors = "{anchors}"\n'
             f'dnssec = "validate"\ntimeout = 2.0\n')
-        agent = a.popen(sys.executable, "-m", "oe_agent", "run", "-c",
+        prof = ["-m", "cProfile", "-o", str(Path(args.profile).resolve())] if args.profile else []
+        if args.sample:
+            prof = [me, "--run-sampled", str(Path(args.sample).resolve()), "--"]
+        agent = a.popen(sys.executable, *prof, *([] if args.sample else ["-m", "oe_agent"]),
+                        "run", "-c",
                         str(a.workdir / "oe-agent.toml"), log="agent.log", cwd=str(ROOT))
         wait_for(sock, "the agent", agent, log=a.workdir / "agent.log")
         st = status(sock)
@@ -253,6 +299,8 @@ def body(args) -> int:
               flush=True)
         # the storm; the agent's CPU is counted from here (not its start-up)
         cpu_start = cpu_seconds(agent.pid) or 0.0
+        peers_cpu_start = {"responder": cpu_seconds(rproc.pid) or 0.0,
+                           "dns_server": cpu_seconds(dproc.pid) or 0.0}
         (a.workdir / "sender.py").write_text(SENDER)
         sender = a.popen(sys.executable, str(a.workdir / "sender.py"), str(args.spread), *dsts,
                          log="sender.log")
@@ -261,7 +309,7 @@ def body(args) -> int:
         first_final: dict[str, float] = {}
         final_state: dict[str, str] = {}
         dset = set(dsts)
-        polls, missed = [], 0
+        polls, missed, timeline = [], 0, []
         from oe_agent.errors import UserError
         while True:
             try:
@@ -274,11 +322,16 @@ def body(args) -> int:
                 continue
             now = time.monotonic() - t0
             polls.append(now)
+            by_state = collections.Counter()
             for p in st["peer_list"]:
                 r = p["remote"]
-                if r in dset and p["state"] in ("up", "shunted"):
-                    first_final.setdefault(r, now)
-                    final_state[r] = p["state"]
+                if r in dset:
+                    by_state[p["state"]] += 1
+                    if p["state"] in ("up", "shunted"):
+                        first_final.setdefault(r, now)
+                        final_state[r] = p["state"]
+            # states of the destinations over time: where a slow run spends it
+            timeline.append([round(now, 2), *(by_state[k] for k in TIMELINE_STATES)])
             if len(first_final) == len(dsts) or now > args.timeout:
                 break
             time.sleep(0.2)
@@ -289,12 +342,13 @@ def body(args) -> int:
         agent_cpu = cpu_seconds(agent.pid)
         agent_cpu = None if agent_cpu is None else agent_cpu - cpu_start
         children_cpu = cpu_seconds(agent.pid, children=True)  # e.g. the nft runs it waited for
-        import collections
+        peers_cpu = {k: round((cpu_seconds(p.pid) or 0.0) - peers_cpu_start[k], 2)
+                     for k, p in (("responder", rproc), ("dns_server", dproc))}
         end_states = dict(collections.Counter(seen.get(d, "absent") for d in dsts))
         first_poll = polls[0] if polls else None
         log_tail = (a.workdir / "agent.log").read_text(errors="replace").splitlines()[-30:]
         time.sleep(0.5)
-        a.stop(agent)
+        a.stop(agent, wait=120.0 if args.profile or args.sample else 5.0)  # profiles: at exit
         dns.stop(dproc)
         q = json.loads(counts.read_text()) if counts.exists() else {"queries": []}
 
@@ -335,6 +389,8 @@ def body(args) -> int:
               "agent_cpu_ms_per_destination": None if agent_cpu is None else
               agent_cpu * 1000 / args.n, "agent_children_cpu_s": children_cpu,
               "status_polls": len(polls), "status_polls_missed": missed,
+              "other_processes_cpu_s": peers_cpu,
+              "timeline_columns": ["t_s", *TIMELINE_STATES], "timeline": timeline,
               "first_status_answer_s": first_poll, "end_states": end_states,
               "agent_log_tail": log_tail}
     for k in ("settle_time_keyed", "settle_time_unkeyed", "dns_queries_per_name"):
@@ -359,19 +415,30 @@ def body(args) -> int:
           f"{len(unsettled)}; unexpected outcomes {len(wrong)}; other DNS queries (zone keys, "
           f"the agent's own) {other}; agent CPU {agent_cpu:.2f} s from the storm to the end "
           f"({(agent_cpu or 0) * 1000 / args.n:.1f} ms per destination), plus {children_cpu} s "
-          "in child processes it ran (nft)")
+          f"in child processes it ran (nft); CPU of the responder {peers_cpu['responder']} s, "
+          f"of the DNS server {peers_cpu['dns_server']} s; load average "
+          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    step = max(1, len(timeline) // 12)
+    print("timeline (s: " + "/".join(TIMELINE_STATES) + "): " + ", ".join(
+        f"{t:g}: {'/'.join(map(str, c))}" for t, *c in timeline[::step] + timeline[-1:]))
     out = write_json("acquire_storm", report)
     print(f"wrote {out.relative_to(ROOT)}")
     return 0
 
 
 def main() -> int:
+    if sys.argv[1:2] == ["--run-sampled"] and len(sys.argv) > 4:  # the agent, sampled
+        return run_sampled(sys.argv[2], sys.argv[4:])
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="200 destinations")
     ap.add_argument("-n", type=positive, default=None, help="destinations (default 1000)")
     ap.add_argument("--spread", type=float, default=1.0, help="storm length in seconds")
     ap.add_argument("--timeout", type=float, default=SETTLE_TIMEOUT,
                     help="give up waiting after this many seconds")
+    ap.add_argument("--profile", metavar="FILE",
+                    help="run the agent under cProfile and write its stats to FILE")
+    ap.add_argument("--sample", metavar="FILE",
+                    help="run the agent under a sampling profiler (5 ms) and write JSON to FILE")
     ap.add_argument("--serve-dns", nargs=3, help=argparse.SUPPRESS)
     ap.add_argument("--serve-responder", help=argparse.SUPPRESS)
     try:
@@ -382,6 +449,7 @@ def main() -> int:
         return serve_dns(*args.serve_dns)
     if args.serve_responder:
         return serve_responder(args.serve_responder)
+
     args.n = args.n or (200 if args.quick else 1000)
     return run_main("acquire_storm", lambda: body(args))
 
