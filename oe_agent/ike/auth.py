@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hmac
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Callable, Iterable, Sequence
 
 from cryptography.exceptions import InvalidSignature
@@ -90,8 +91,10 @@ def _pss_blob(h: str) -> bytes:
     return _seq(_oid(_OID_PSS), params)
 
 
+@lru_cache(maxsize=32)
 def algorithm_identifier(scheme: "SignatureScheme") -> bytes:
-    """The DER AlgorithmIdentifier that precedes a method-14 signature (RFC 7427 §3)."""
+    """The DER AlgorithmIdentifier that precedes a method-14 signature (RFC 7427 §3); a few
+    fixed values, so built once each."""
     if scheme.kind == "ed25519":
         return _seq(_oid(_OID_ED25519))
     if scheme.kind == "rsa-pss":
@@ -149,6 +152,12 @@ def parse_algorithm_identifier(data: bytes) -> tuple[SignatureScheme, int]:
     blob = data[1:1 + n]
     if len(blob) != n:
         raise AuthError("AlgorithmIdentifier longer than AUTH data")
+    return _scheme_of(bytes(blob)), 1 + n
+
+
+@lru_cache(maxsize=64)
+def _scheme_of(blob: bytes) -> SignatureScheme:
+    """The scheme an AlgorithmIdentifier names (peers send the same few blobs every time)."""
     tag, body, end = _read_tlv(blob, 0)
     if tag != 0x30 or end != len(blob):
         raise AuthError("AlgorithmIdentifier is not one SEQUENCE")
@@ -157,15 +166,15 @@ def parse_algorithm_identifier(data: bytes) -> tuple[SignatureScheme, int]:
         raise AuthError("AlgorithmIdentifier without OID")
     oid = _oid_text(oid_body)
     if oid == _OID_ED25519:
-        return SignatureScheme("ed25519"), 1 + n
+        return SignatureScheme("ed25519")
     for h, o in _OID_RSA_PKCS1.items():
         if oid == o:
-            return SignatureScheme("rsa-pkcs1", h), 1 + n
+            return SignatureScheme("rsa-pkcs1", h)
     for h, o in _OID_ECDSA.items():
         if oid == o:
-            return SignatureScheme("ecdsa", h), 1 + n
+            return SignatureScheme("ecdsa", h)
     if oid == _OID_PSS:
-        return _parse_pss_params(body[pos:]), 1 + n
+        return _parse_pss_params(body[pos:])
     raise AuthError(f"signature algorithm {oid} not supported")
 
 

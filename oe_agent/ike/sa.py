@@ -423,18 +423,20 @@ class IkeSa:
         return self._events.popleft() if self._events else None
 
     def get_timer(self) -> float | None:
-        times = [k.pending.next_at for k in self._all_keysets() if k.pending]
-        times += [t for t, _ in self._deferred]
-        if self._deadline is not None:
-            times.append(self._deadline)
+        # called after every datagram: no lists unless there is more than the current keyset
+        times = [self._deadline]
+        ks = self._ks
+        if ks.pending is not None:
+            times.append(ks.pending.next_at)
+        if self._retired or self._ike_candidate is not None:
+            times += [k.pending.next_at for k in self._all_keysets() if k.pending]
+        if self._deferred:
+            times += [t for t, _ in self._deferred]
         if self.state == IkeState.ESTABLISHED:
-            if self._keepalive_at is not None:
-                times.append(self._keepalive_at)
-            if self._rekey_at is not None:
-                times.append(self._rekey_at)
-            if self.config.liveness_interval and self._ks.pending is None:
+            times += (self._keepalive_at, self._rekey_at)
+            if self.config.liveness_interval and ks.pending is None:
                 times.append(self._last_heard + self.config.liveness_interval)
-        return min(times) if times else None
+        return min((t for t in times if t is not None), default=None)
 
     @_watched
     def handle_timer(self, now: float) -> None:
@@ -1419,7 +1421,6 @@ class IkeEndpoint:
         self._secret = rng(32)
         self.cookie_threshold = cookie_threshold
         self.demand_cookies: bool | None = None
-        self.sas: list[IkeSa] = []
         self._by_spi: dict[bytes, IkeSa] = {}
         self._spis_of: dict[int, set[bytes]] = {}
         self._half_open: dict[tuple[IPAddress, bytes], IkeSa] = {}
@@ -1427,7 +1428,7 @@ class IkeEndpoint:
         self._events: deque[tuple[IkeSa, IkeEvent]] = deque()
         self._out: list[Datagram] = []
         self.dropped = 0  # datagrams that fit no SA (or were refused)
-        self._order: dict[IkeSa, int] = {}  # live SAs -> creation number (the order of `sas`)
+        self._order: dict[IkeSa, int] = {}  # live SAs -> creation number, oldest first
         self._made = 0
         self._new_responders: list[IkeSa] = []
         self._dirty: dict[IkeSa, None] = {}  # touched since last drained (insertion-ordered)
@@ -1436,6 +1437,12 @@ class IkeEndpoint:
         self._timer_of: dict[IkeSa, float | None] = {}  # deadline last pushed for the SA
         self._heap: list[tuple[float, int, IkeSa]] = []  # (deadline, seq, sa); lazy deletes
         self._seq = 0
+
+    @property
+    def sas(self) -> list[IkeSa]:
+        """Every live IKE SA, oldest first (a copy: the endpoint keeps them in `_order`, whose
+        removals are O(1), unlike a list's)."""
+        return list(self._order)
 
     @property
     def half_open(self) -> int:
@@ -1598,7 +1605,6 @@ class IkeEndpoint:
             return
 
     def _add(self, sa: IkeSa) -> None:
-        self.sas.append(sa)
         self._order[sa] = self._made
         self._made += 1
         self._by_remote.setdefault(sa.remote, []).append(sa)
@@ -1649,7 +1655,6 @@ class IkeEndpoint:
 
     def _forget(self, sa: IkeSa) -> None:
         if self._order.pop(sa, None) is not None:
-            self.sas.remove(sa)
             self._by_remote[sa.remote].remove(sa)
             if not self._by_remote[sa.remote]:
                 del self._by_remote[sa.remote]
