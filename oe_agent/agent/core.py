@@ -639,6 +639,7 @@ class Agent:
         pc = p.static
         mode = pc.mode if pc else Mode.TRANSPORT
         if pc is None:
+            p.answer = None  # IKE_AUTH waits for this lookup's answer, not an older one
             self._lookup(p)  # in parallel with IKE_SA_INIT, not before it (product.md §1.3)
         if self.ike is None:
             return
