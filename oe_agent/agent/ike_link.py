@@ -233,7 +233,9 @@ class IkeLinkAdapter:
     def _translate(self, sa: IkeSa, e) -> list:
         r = sa.remote
         if isinstance(e, ev.PeerKeyNeeded):
-            return [KeyNeeded(r, ike_id=sa, peer_id=str(e.peer_id))]
+            # an initiator asks before IKE_AUTH, when the peer has not named itself yet
+            pid = "" if e.peer_id is None else str(e.peer_id)
+            return [KeyNeeded(r, ike_id=sa, peer_id=pid)]
         if isinstance(e, ev.ChildSaEstablished):
             return [ChildUp(r, e.params, ike_id=sa, auth=_AUTH.get(sa.peer_auth, "pubkey"),
                             initiator=e.initiator)]

@@ -278,6 +278,11 @@ class IkeSa:
         self._peer_hashes: list[int] | None = None
         self._peer_keys: tuple | None = config.peer_keys
         self._null_ok = config.allow_null
+        self._null_supplied = False  # the last supply_peer_keys carried UNAUTHENTICATED
+        # what we authenticate as: the config's, or ID_NULL + AUTH_NULL toward a keyless
+        # peer (initiator: the keys supplied say so; responder: the initiator used AUTH_NULL)
+        self._credential = config.credential
+        self._local_id = config.local_id
         self._held: tuple[_Keyset, Message] | None = None
         self.peer_id = None
         self.peer_auth = ""
@@ -340,11 +345,16 @@ class IkeSa:
 
     @_watched
     def supply_peer_keys(self, keys, now: float) -> None:
-        """The peer's public keys (from DNS); UNAUTHENTICATED in `keys` allows AUTH_NULL."""
+        """The peer's public keys (from DNS); UNAUTHENTICATED in `keys` allows AUTH_NULL.
+
+        An initiator holds IKE_AUTH until this call (state AUTH_WAIT): with keys it
+        authenticates with its own credential; with only UNAUTHENTICATED, with ID_NULL +
+        AUTH_NULL (RFC 7619 §3); with nothing, it sends no IKE_AUTH and fails ("auth-failed")."""
         keys = tuple(keys)
-        self._null_ok = self._null_ok or UNAUTHENTICATED in keys
+        self._null_supplied = UNAUTHENTICATED in keys
+        self._null_ok = self._null_ok or self._null_supplied
         self._peer_keys = tuple(k for k in keys if k != UNAUTHENTICATED)
-        if self.state == IkeState.KEYS_WAIT:
+        if self.state in (IkeState.KEYS_WAIT, IkeState.AUTH_WAIT):
             self._dispatch(Input.KEYS, self._ks, None, now)
 
     @_watched
@@ -821,20 +831,50 @@ class IkeSa:
         ks.init_in = msg.raw
         if has_nat_d and (self.config.float_always or self.nat_local or self.nat_remote):
             self._local_port = self._remote_port = self.config.natt_port  # §2.23
+        if self._wants_keys_first():
+            # the DNS lookup runs in parallel with IKE_SA_INIT; IKE_AUTH waits for its answer
+            self._emit(PeerKeyNeeded(self.config.peer_id, self.remote))
+            self._deadline = now + self.config.key_wait_timeout
+            return IkeState.AUTH_WAIT
         self._send_auth(ks, now)
         return None
+
+    def _wants_keys_first(self) -> bool:
+        """Ask for the peer's keys before IKE_AUTH unless they cannot change what we send: keys
+        or a PSK configured, or we are anonymous anyway and accept AUTH_NULL back."""
+        if self._peer_keys is not None or self.config.peer_psk is not None:
+            return False
+        return not (isinstance(self._credential, ikeauth.NullCredential) and self._null_ok)
+
+    def _send_held_auth(self, ks: _Keyset, msg, now: float):
+        self._deadline = None
+        if not self._peer_keys:
+            if not self._null_supplied:
+                # no usable key and AUTH_NULL not allowed: the responder must not get an SA
+                # we would refuse, so no IKE_AUTH (its half-open SA times out)
+                self._fail("auth-failed", "no usable key for the peer: IKE_AUTH not sent", now,
+                           NotifyType.AUTHENTICATION_FAILED)
+                return IkeState.CLOSED
+            self._go_anonymous()
+        self._send_auth(ks, now)
+        return None
+
+    def _go_anonymous(self) -> None:
+        """Authenticate as ID_NULL with AUTH_NULL (RFC 7619 §3) instead of our credential."""
+        if not isinstance(self._credential, ikeauth.NullCredential):
+            self._credential, self._local_id = ikeauth.NullCredential(), IdInitiator.null()
 
     # ------------------------------------------------------------------ IKE_AUTH
     def _our_auth(self, ks: _Keyset, id_body: bytes) -> Authentication:
         sk_p = ks.keys.sk_pi if ks.initiator else ks.keys.sk_pr
         peer_nonce = ks.nr if ks.initiator else ks.ni
         octets = ikeauth.signed_octets(ks.init_out, peer_nonce, ks.prf, sk_p, id_body)
-        method, data = ikeauth.sign(self.config.credential, octets, ks.prf, sk_p,
+        method, data = ikeauth.sign(self._credential, octets, ks.prf, sk_p,
                                     self._peer_hashes)
         return Authentication(method, data)
 
     def _send_auth(self, ks: _Keyset, now: float) -> None:
-        lid = self.config.local_id
+        lid = self._local_id
         idi = IdInitiator(lid.id_type, lid.data)
         payloads: list = [idi]
         if self.config.peer_id is not None:
@@ -903,7 +943,12 @@ class IkeSa:
             self._respond(ks, msg, [Notify(NotifyType.AUTHENTICATION_FAILED)])
             self._fail("auth-failed", self.last_error, now, NotifyType.AUTHENTICATION_FAILED)
             return IkeState.CLOSED
-        lid = self.config.local_id
+        if self.peer_auth == "null" and not self._peer_keys and isinstance(
+                self._credential, ikeauth.SignatureCredential):
+            # an AUTH_NULL initiator has no key of ours (a libreswan authby=null peer refuses
+            # a signature): answer in kind (RFC 7619 §3)
+            self._go_anonymous()
+        lid = self._local_id
         idr = IdResponder(lid.id_type, lid.data)
         payloads: list = [idr, self._our_auth(ks, idr.to_bytes())]
         try:
@@ -972,7 +1017,7 @@ class IkeSa:
             self._rekey_at = now + self.config.ike_lifetime_s * share
         s = ks.suite
         self._emit(IkeSaEstablished(
-            ks.spi_i, ks.spi_r, ks.initiator, self.local, self.remote, self.config.local_id,
+            ks.spi_i, ks.spi_r, ks.initiator, self.local, self.remote, self._local_id,
             self.peer_id, self.peer_auth, self.nat_local, self.nat_remote,
             (self._local_port, self._remote_port) if self._local_port == self.config.natt_port
             else None,

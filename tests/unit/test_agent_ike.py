@@ -190,6 +190,100 @@ async def test_auth_null_opportunistic_without_keys():
         await close(a, b, tasks)
 
 
+KEYED_NULL = "[ike]\nauth_null = true\n"  # a host key, AUTH_NULL allowed
+ANON = "[ike]\nauth_null = true\n# nokey\n"  # no host key at all (libreswan authby=null-like)
+
+
+def sent_exchanges(side) -> list:
+    """(exchange, response) of every IKE datagram `side` sends from now on."""
+    from oe_agent.ike.message import peek_header
+    sent, inner = [], side.link._transport
+
+    def send(dg):
+        h = peek_header(dg.data)
+        sent.append((h.exchange, h.response))
+        inner(dg)
+    side.link._transport = send
+    return sent
+
+
+@pytest.mark.parametrize("keyed_initiates", [True, False])
+async def test_keyed_auth_null_agent_and_a_keyless_peer(keyed_initiates):
+    """RFC 7619 OE with a host that has a key and allows AUTH_NULL, toward a host that has
+    none (secure denial for it): both directions end in AUTH_NULL on both sides."""
+    a, b, tasks = await pair(POC, POC, KEYED_NULL, ANON)
+    try:
+        a.publish(b)  # B could verify A, but A must not sign: B has no key to answer with
+        b.publish(a, "secure-denial")
+        src, dst, ini = (A, B, a) if keyed_initiates else (B, A, b)
+        ini.agent.post(Acquire(src=src, dst=dst))
+        await until(lambda: a.state(B) is PeerState.UP and b.state(A) is PeerState.UP, "SA up")
+        assert mirrored(a, b)
+        assert "AUTH_NULL" in a.agent.explain(B, a.agent.clock())["now"]
+        assert "AUTH_NULL" in b.agent.explain(A, b.agent.clock())["now"]
+    finally:
+        await close(a, b, tasks)
+
+
+async def test_keyed_agents_use_auth_null_when_the_responder_publishes_no_key():
+    a, b, tasks = await pair(POC, COP, KEYED_NULL, KEYED_NULL)
+    try:
+        a.publish(b)
+        b.publish(a, "secure-denial")  # B has a key but did not publish it
+        a.agent.post(Acquire(src=A, dst=B))
+        await until(lambda: a.state(B) is PeerState.UP and b.state(A) is PeerState.UP, "SA up")
+        assert mirrored(a, b)
+        # A authenticated as AUTH_NULL and B, which holds a key, answered in kind
+        assert "AUTH_NULL" in b.agent.explain(A, b.agent.clock())["now"]
+        assert "AUTH_NULL" in a.agent.explain(B, a.agent.clock())["now"]
+    finally:
+        await close(a, b, tasks)
+
+
+async def test_ike_auth_waits_for_the_dns_answer():
+    """DNS runs in parallel with IKE_SA_INIT; IKE_AUTH leaves only once the answer is in."""
+    a, b, tasks = await pair(POC, COP)
+    sent = sent_exchanges(a)
+    try:
+        a.publish(b)
+        b.publish(a)
+        a.res.gate.clear()
+        a.agent.post(Acquire(src=A, dst=B))
+        await until(lambda: [sa.state.value for sa in a.link.endpoint.find(B)] == ["auth-wait"],
+                    "IKE_SA_INIT done, IKE_AUTH held")
+        assert a.res.asked == [str(B)] and sent == [(34, False)]
+        assert a.state(B) is PeerState.NEGOTIATING
+        a.res.gate.set()
+        await until(lambda: a.state(B) is PeerState.UP and b.state(A) is PeerState.UP, "SA up")
+        assert sent[:2] == [(34, False), (35, False)]
+    finally:
+        await close(a, b, tasks)
+
+
+@pytest.mark.parametrize("groups_a, extra_a, shunt", [
+    (POC, "", "pass"),  # AUTH_NULL off
+    (PRIV, KEYED_NULL, "drop"),  # AUTH_NULL on, but never for `private`
+])
+async def test_secure_denial_without_auth_null_sends_no_ike_auth(groups_a, extra_a, shunt):
+    """No key and no AUTH_NULL: the failure shunt at once and no IKE_AUTH, so the responder
+    never installs a Child SA that the initiator would then refuse."""
+    a, b, tasks = await pair(groups_a, COP, extra_a, KEYED_NULL)
+    sent = sent_exchanges(a)
+    try:
+        a.publish(b)
+        b.publish(a, "secure-denial")
+        a.agent.post(Acquire(src=A, dst=B))
+        await until(lambda: a.state(B) is PeerState.SHUNTED, "failure shunt")
+        s = a.agent.shunts.get(B)
+        assert (s.kind.value, s.reason) == (shunt, "no-key")
+        await until(lambda: not a.link.endpoint.sas, "A's IKE SA gone")
+        assert sent == [(34, False)]  # IKE_SA_INIT only
+        assert b.dp.sas == {} and not any(sa.children for sa in b.link.endpoint.sas)
+        assert b.state(A) in (PeerState.RESPONDING, PeerState.TRAP)
+    finally:
+        await close(a, b, tasks)
+
+
 async def test_rekey_through_the_engine_replaces_the_pair():
     a, b, tasks = await pair(POC, COP)
     try:

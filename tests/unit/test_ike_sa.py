@@ -253,21 +253,98 @@ def test_null_refused_unless_allowed(keys):
 
 
 def test_peer_keys_supplied_later(keys):
+    """The initiator asks right after IKE_SA_INIT and holds IKE_AUTH (AUTH_WAIT); the
+    responder asks once it has the initiator's ID; neither asks twice."""
     ca, cb = configs(keys, "ed25519")
     ka, kb = keys["ed25519"]
     ca = IkeConfig(**{**ca.__dict__, "peer_keys": None})
     cb = IkeConfig(**{**cb.__dict__, "peer_keys": None})
     p = start(ca, cb)
+    need, = p.of(p.events_i, PeerKeyNeeded)
+    assert need.peer_id is None and need.remote == B  # no IDr yet: the address names it
+    assert p.i.state == IkeState.AUTH_WAIT and p.r.state == IkeState.INIT_DONE
+    assert not [d for s, d in p.wire if s is p.i and b"\x23" == d.data[18:19]]  # no IKE_AUTH
+    p.i.supply_peer_keys([kb.public_key()], p.now)
+    p.run()
     need, = p.of(p.events_r, PeerKeyNeeded)
     assert str(need.peer_id) == str(A) and need.remote == A
     assert p.r.state == IkeState.KEYS_WAIT
     p.r.supply_peer_keys([ka.public_key()], p.now)
     p.run()
-    need, = p.of(p.events_i, PeerKeyNeeded)
-    assert str(need.peer_id) == str(B)
-    p.i.supply_peer_keys([kb.public_key()], p.now)
+    assert len(p.of(p.events_i, PeerKeyNeeded)) == 1
+    established(p)
+    ei, = p.of(p.events_i, IkeSaEstablished)
+    assert ei.auth == "signature" and ei.local_id == ca.local_id
+
+
+def _exchanges(p: Pair, sa) -> list:
+    return [Message.parse(d.data).exchange for s, d in p.wire if s is sa]
+
+
+def test_keyless_peer_gets_auth_null_from_a_keyed_initiator(keys):
+    """RFC 7619: the DNS answer says "no key, AUTH_NULL allowed" (UNAUTHENTICATED only): the
+    keyed initiator authenticates as ID_NULL/AUTH_NULL; a keyed responder that allows AUTH_NULL
+    and has no key of the initiator answers in kind."""
+    ca, cb = configs(keys, "ed25519")
+    ca = IkeConfig(**{**ca.__dict__, "peer_keys": None})  # allow_null off: the marker decides
+    cb = IkeConfig(**{**cb.__dict__, "peer_keys": None, "allow_null": True})
+    p = start(ca, cb)
+    assert p.i.state == IkeState.AUTH_WAIT
+    p.i.supply_peer_keys([UNAUTHENTICATED], p.now)
     p.run()
     established(p)
+    assert not p.of(p.events_r, PeerKeyNeeded)
+    ei, = p.of(p.events_i, IkeSaEstablished)
+    er, = p.of(p.events_r, IkeSaEstablished)
+    assert ei.auth == er.auth == "null"
+    assert ei.local_id == er.local_id == IdInitiator.null()
+    assert str(ei.remote_id) == str(er.remote_id) == "(null)"
+
+
+def test_keyed_responder_still_signs_for_a_signing_initiator(keys):
+    """Only an AUTH_NULL initiator gets AUTH_NULL back: a signing one is answered with the
+    responder's key even when AUTH_NULL is allowed."""
+    ca, cb = configs(keys, "ed25519")
+    cb = IkeConfig(**{**cb.__dict__, "allow_null": True})
+    p = start(ca, cb)
+    established(p)
+    ei, = p.of(p.events_i, IkeSaEstablished)
+    er, = p.of(p.events_r, IkeSaEstablished)
+    assert ei.auth == er.auth == "signature"
+    assert er.local_id == cb.local_id
+
+
+def test_no_usable_key_sends_no_ike_auth(keys):
+    """Keys supplied empty (secure denial, AUTH_NULL not allowed): the initiator fails at once
+    and never sends IKE_AUTH, so the responder makes no Child SA it would have to lose."""
+    ca, cb = configs(keys, "ed25519")
+    ca = IkeConfig(**{**ca.__dict__, "peer_keys": None, "allow_null": True})
+    p = start(ca, cb)
+    p.i.supply_peer_keys([], p.now)
+    p.run()
+    failed, = p.of(p.events_i, NegotiationFailed)
+    assert failed.reason == "auth-failed" and not failed.child
+    assert p.i.state == IkeState.CLOSED
+    assert _exchanges(p, p.i) == [ExchangeType.IKE_SA_INIT]
+    assert p.r.state == IkeState.INIT_DONE and not p.r.children
+    assert not p.of(p.events_r, ChildSaEstablished)
+
+
+def test_initiator_key_wait_times_out_and_delete_ends_the_wait(keys):
+    ca, cb = configs(keys, "ed25519")
+    ca = IkeConfig(**{**ca.__dict__, "peer_keys": None, "key_wait_timeout": 5.0})
+    p = start(ca, cb)
+    assert p.i.get_timer() == p.now + 5
+    p.now += 5
+    p.i.handle_timer(p.now)
+    p.collect()
+    assert [e.reason for e in p.of(p.events_i, NegotiationFailed)] == ["timeout"]
+    assert _exchanges(p, p.i) == [ExchangeType.IKE_SA_INIT]
+    p = start(ca, cb)
+    p.i.delete(p.now)
+    p.run()
+    assert p.i.state == IkeState.CLOSED and p.i.get_timer() is None
+    assert _exchanges(p, p.i) == [ExchangeType.IKE_SA_INIT]
 
 
 def test_unauthenticated_marker_allows_null(keys):
