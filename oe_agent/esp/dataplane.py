@@ -112,6 +112,7 @@ class UserspaceDataplane:
         self._held: dict[IPAddress, _Held] = {}
         self._acquiring: dict[IPAddress, float] = {}
         self._routes: dict[IPNetwork, str] = {}  # what the table holds: "oe0" or "throw"
+        self._wide_routes: collections.Counter[tuple[int, int]] = collections.Counter()
         self._sa_routes: collections.Counter[IPNetwork] = collections.Counter()
         self._port_rules: set[tuple[IPNetwork, int, int]] = set()
         self._dirty: set[IPNetwork] = set()  # routes to re-sync at the next flush
@@ -239,6 +240,7 @@ class UserspaceDataplane:
                     except Exception as e:
                         log.debug("flush table %d: %s", self.table, e)
                 self._routes.clear()
+                self._wide_routes.clear()
             for key in list(self._port_rules):
                 await self._port_rule(key, add=False)
             if self._rules_installed:
@@ -305,21 +307,26 @@ class UserspaceDataplane:
                 log.debug("rule %s: %s", r, e)
 
     async def _route_add(self, net: IPNetwork, kind: str) -> None:
-        if self._routes.get(net) == kind:
+        old = self._routes.get(net)
+        if old == kind:
             return
-        if net in self._routes:
-            await self._route_del(net)
         if self._ipr is None:  # not started: the decision is recorded (unit tests read it)
             pass
-        elif kind == "throw":
-            await self._ipr.route("add", dst=str(net), type="throw", table=self.table)
-        else:
-            await self._ipr.route("add", dst=str(net), oif=self._ifindex, table=self.table)
+        else:  # one request, also when the kind changes (replace = NLM_F_CREATE|REPLACE)
+            verb = "add" if old is None else "replace"
+            if kind == "throw":
+                await self._ipr.route(verb, dst=str(net), type="throw", table=self.table)
+            else:
+                await self._ipr.route(verb, dst=str(net), oif=self._ifindex, table=self.table)
         self._routes[net] = kind
+        self._route_changed(net, old is None)
 
     async def _route_del(self, net: IPNetwork) -> None:
         kind = self._routes.pop(net, None)
-        if kind is None or self._ipr is None:
+        if kind is None:
+            return
+        self._route_changed(net, False, gone=True)
+        if self._ipr is None:
             return
         try:
             if kind == "throw":
@@ -328,6 +335,33 @@ class UserspaceDataplane:
                 await self._ipr.route("del", dst=str(net), oif=self._ifindex, table=self.table)
         except Exception as e:
             log.debug("route %s: %s", net, e)
+
+    def _route_changed(self, net: IPNetwork, new: bool, gone: bool = False) -> None:
+        """A route wider than one address changed: the SA host routes inside it, which exist
+        only where it would not already send their traffic to oe0, are decided again."""
+        if net.prefixlen == net.max_prefixlen:
+            return
+        key = (net.version, net.prefixlen)
+        if new:
+            self._wide_routes[key] += 1
+        elif gone:
+            self._wide_routes[key] -= 1
+            if self._wide_routes[key] <= 0:
+                del self._wide_routes[key]
+        for n in self._sa_routes:
+            if n.prefixlen == n.max_prefixlen and n.version == net.version and n.subnet_of(net):
+                self._dirty.add(n)
+
+    def _inherited(self, net: IPNetwork) -> str | None:
+        """What our table does for `net` without its own route: the kind of the longest wider
+        route of ours covering it (None: no route, the main table decides, as `throw`)."""
+        for v, plen in sorted(self._wide_routes, key=lambda k: -k[1]):
+            if v == net.version and plen < net.prefixlen:
+                kind = self._routes.get(ipaddress.ip_network((net.network_address, plen),
+                                                             strict=False))
+                if kind is not None:
+                    return kind
+        return None
 
     @contextlib.asynccontextmanager
     async def coalesce(self):
@@ -353,12 +387,14 @@ class UserspaceDataplane:
         """Sync every route marked dirty and the inbound SA set (one caller at a time: a route
         is never added twice by two tasks racing)."""
         async with self._flush_lock:
-            while self._dirty:
-                net = self._dirty.pop()
-                try:
-                    await self._sync_route(net)
-                except Exception as e:  # one bad route must not stop the others
-                    log.warning("route %s: %s", net, e)
+            while self._dirty:  # wider routes first: the host routes inside depend on them
+                nets = sorted(self._dirty, key=lambda n: n.prefixlen)
+                self._dirty.clear()
+                for net in nets:
+                    try:
+                        await self._sync_route(net)
+                    except Exception as e:  # one bad route must not stop the others
+                        log.warning("route %s: %s", net, e)
             if self._in_dirty:
                 self._in_dirty = False
                 await self._sync_inbound_sas()
@@ -371,7 +407,13 @@ class UserspaceDataplane:
         shunt = self._shunts.get(net.network_address) if (
             net.prefixlen == net.max_prefixlen) else None
         if self._sa_routes[net] > 0:
-            await self._route_add(net, "oe0")
+            if (net.prefixlen == net.max_prefixlen and not by_port
+                    and self._inherited(net) == "oe0"):
+                # a trap or block route of ours covers it: its traffic reaches oe0 already
+                # (an ACQUIRE storm would otherwise cost one netlink request per SA)
+                await self._route_del(net)
+            else:
+                await self._route_add(net, "oe0")
         elif shunt is not None and shunt.kind is ShuntKind.PASS:
             await self._route_add(net, "throw")  # a failure/negotiation pass beats the trap
         elif kinds & {TRAP, BLOCK}:  # a pass for some ports only is decided in userspace

@@ -483,3 +483,70 @@ async def test_dataplane_event_subclasses_are_handled():
     agent, dp, ike, res, clock, _ = await started()
     await agent.handle(KernelishAcquire(src=LOCAL, dst=POC, extra=1))
     assert agent.peers[POC].state is PeerState.NEGOTIATING and ike.of("initiate")
+
+
+async def test_control_requests_go_ahead_of_a_backlog():
+    """A storm's queued events must not make the control API wait behind them."""
+    agent, dp, ike, res, clock, _ = await started()
+    for n in range(200):
+        agent.post(Acquire(src=LOCAL, dst=ipaddress.ip_address(f"192.0.2.{n % 250 + 2}")))
+    task = asyncio.create_task(agent.run())
+    st = await agent.request("status")
+    assert sum(st["peers"].values()) < 200  # answered before the backlog was worked off
+    await agent.stop()
+    await asyncio.wait_for(task, 5)
+
+
+class CoalescingDataplane:
+    """The fake dataplane plus coalesce(): records when the batch reached the kernel."""
+
+    def __init__(self, dp, log):
+        self._dp, self.log = dp, log
+
+    def __getattr__(self, name):
+        return getattr(self._dp, name)
+
+    async def add_child_sa(self, params):
+        self.log.append(("add", params.spi_in))
+        await self._dp.add_child_sa(params)
+
+    def coalesce(self):
+        import contextlib
+        log = self.log
+
+        @contextlib.asynccontextmanager
+        async def cm():
+            yield
+            log.append("synced")
+        return cm()
+
+
+async def test_installed_is_called_once_the_turns_changes_are_synced():
+    """ike_link answers the peer when installed() is called: only after the sync, and once
+    per ChildUp, whatever else the turn handled."""
+    agent, dp, ike, res, clock, _ = await started(answers={rev(POC): Answer("secure-key", (a_key(),))})
+    log: list = []
+    agent.dataplane = CoalescingDataplane(dp, log)
+    await acquire(agent, POC)
+    agent.post(ChildUp(POC, child(POC), ike_id=1, installed=lambda: log.append("installed")))
+    agent.post(Acquire(src=LOCAL, dst=ipaddress.ip_address("192.0.2.9")))
+    task = asyncio.create_task(agent.run())
+    for _ in range(200):
+        if "installed" in log:
+            break
+        await asyncio.sleep(0.01)
+    assert log[:3] == [("add", 0x100), "synced", "installed"]
+    await agent.stop()
+    await asyncio.wait_for(task, 5)
+
+
+async def test_sa_expire_finds_its_peer_by_either_spi():
+    agent, dp, ike, res, clock, _ = await started(answers={rev(POC): Answer("secure-key", (a_key(),))})
+    await acquire(agent, POC)
+    c = child(POC)
+    await agent.handle(ChildUp(POC, c, ike_id=1))
+    await agent.handle(SaExpire(c.spi_out, POC, False))  # outbound soft expire: rekey
+    assert ike.of("rekey")
+    await agent.handle(SaExpire(c.spi_in, LOCAL, True))  # inbound hard expire: gone
+    assert agent.peers[POC].state is PeerState.TRAP and not agent.peers[POC].children
+    assert agent._spi_in == {} and agent._spi_out == {}

@@ -17,7 +17,7 @@ from oe_agent.esp.static import params_from_json, params_to_json
 from oe_agent.esp.udp import classify
 from oe_agent.errors import UserError
 from oe_agent.model import (Acquire, ChildSaParams, EspAlgorithm, Mode, PolicyExpire, SaExpire,
-                            ShuntKind)
+                            ShuntKind, TrafficSelector)
 
 A, B, C = (ipaddress.ip_address(f"192.0.2.{n}") for n in (1, 2, 3))
 A6, B6 = ipaddress.ip_address("2001:db8::1"), ipaddress.ip_address("2001:db8::2")
@@ -490,3 +490,120 @@ def test_effective_block_is_longest_prefix():
                            (n("2001:db8:b::/48"), "block"), (n("198.51.100.0/24"), "pass")])
     assert got == [n("203.0.113.8/29"), n("203.0.113.64/26"), n("2001:db8:b::/48")]
     assert effective_block([(n("192.0.2.0/24"), "trap")]) == []
+
+
+class RecordingNft:
+    """NftInbound's interface, recording each transaction (the real one runs `nft`)."""
+
+    def __init__(self, fail_update: bool = False):
+        self.calls: list[tuple] = []
+        self.fail_update = fail_update
+        self.error = ""
+
+    async def update(self, kind, add, remove):
+        self.calls.append(("update", kind, set(add), set(remove)))
+        if self.fail_update:
+            self.error = "element does not exist"
+        return not self.fail_update
+
+    async def apply(self, nets, kind="block"):
+        self.calls.append(("apply", kind, set(nets)))
+        return True
+
+
+def peer_sa(n: int, **kw):
+    k = bytes(range(20))
+    return params(A, ipaddress.ip_address(f"198.51.100.{n}"), 0x1000 + n, 0x2000 + n, k, k, **kw)
+
+
+async def test_coalesce_syncs_the_inbound_sa_set_once_by_difference():
+    dp = make_dp(Clock())
+    dp._inbound, dp.inbound_block = RecordingNft(), True
+    host = lambda n: ipaddress.ip_network(f"198.51.100.{n}/32")  # noqa: E731
+    async with dp.coalesce():
+        for n in (1, 2, 3):
+            await dp.add_child_sa(peer_sa(n))
+        assert dp._inbound.calls == [] and dp._routes == {}  # nothing reached the kernel yet
+    assert dp._inbound.calls == [("update", "sa", {host(1), host(2), host(3)}, set())]
+    assert set(dp._routes) == {host(1), host(2), host(3)}
+    await dp.del_child_sa(peer_sa(2))  # outside coalesce(): at once, only the difference
+    assert dp._inbound.calls[-1] == ("update", "sa", set(), {host(2)})
+    await dp.add_child_sa(peer_sa(4, lifetime_hard_s=60))  # a second SA for a known peer
+    k = bytes(range(20, 40))
+    await dp.add_child_sa(params(A, ipaddress.ip_address("198.51.100.4"), 0x3004, 0x4004, k, k))
+    assert dp._inbound.calls[-1] == ("update", "sa", {host(4)}, set())  # no second update
+
+
+async def test_a_failed_incremental_update_re_applies_the_whole_set():
+    dp = make_dp(Clock())
+    dp._inbound, dp.inbound_block = RecordingNft(fail_update=True), True
+    await dp.add_child_sa(peer_sa(1))
+    await dp.add_child_sa(peer_sa(2))
+    nets = {ipaddress.ip_network(f"198.51.100.{n}/32") for n in (1, 2)}
+    assert dp._inbound.calls[-1] == ("apply", "sa", nets)
+    assert dp._in_applied == nets
+
+
+async def test_inbound_sa_elements_stay_disjoint():
+    """A host inside a tunnel SA's network is not a separate element (interval sets refuse
+    overlaps); it becomes one again when the wide SA goes."""
+    dp = make_dp(Clock())
+    dp._inbound, dp.inbound_block = RecordingNft(), True
+    await dp.add_child_sa(peer_sa(1))
+    k = bytes(range(20))
+    wide = params(A, ipaddress.ip_address("198.51.100.200"), 0x5000, 0x6000, k, k,
+                  mode=Mode.TUNNEL, ts_remote=(TrafficSelector.from_network(
+                      ipaddress.ip_network("198.51.100.0/24")),))
+    await dp.add_child_sa(wide)
+    net24, host1 = ipaddress.ip_network("198.51.100.0/24"), ipaddress.ip_network("198.51.100.1/32")
+    assert dp._inbound.calls[-1] == ("update", "sa", {net24}, {host1})
+    await dp.del_child_sa(wide)
+    assert dp._inbound.calls[-1] == ("update", "sa", {host1}, {net24})
+
+
+async def test_an_sa_host_route_is_left_to_a_covering_trap_route():
+    """Inside a trap route of ours, an SA's packets reach oe0 anyway: no /32 per SA (a storm
+    would cost a netlink request each). Without that route the /32 appears again."""
+    dp = make_dp(Clock())
+    net = ipaddress.ip_network("198.51.100.0/24")
+    host = ipaddress.ip_network("198.51.100.1/32")
+    await dp.set_trap(net)
+    await dp.add_child_sa(peer_sa(1))
+    assert dp._routes == {net: "oe0"}
+    await dp.remove_group_policy(net)
+    assert dp._routes == {host: "oe0"}
+    await dp.set_pass(net)  # a pass route would send it around oe0: the /32 stays
+    assert dp._routes == {net: "throw", host: "oe0"}
+    await dp.set_trap(net)
+    assert dp._routes == {net: "oe0"}
+    await dp.del_child_sa(peer_sa(1))
+    assert dp._routes == {net: "oe0"}
+
+
+async def test_deadlines_follow_the_live_shunt_only():
+    """A replaced shunt's old expiry does nothing; the heap of deadlines stays bounded."""
+    clock = Clock()
+    dp = make_dp(clock)
+    await dp.set_trap(ipaddress.ip_network("192.0.2.0/24"))
+    await dp.set_shunt(A, B, ShuntKind.PASS, 10)
+    await dp.set_shunt(A, B, ShuntKind.HOLD, 60)
+    clock.t += 11
+    assert dp.poll(clock()) == 1060.0 and events_now(dp) == [] and B in dp._shunts
+    clock.t += 50
+    assert dp.poll(clock()) is None
+    assert events_now(dp) == [PolicyExpire(ipaddress.ip_network(f"{A}/32"),
+                                           ipaddress.ip_network(f"{B}/32"), 0, True)]
+    for i in range(1000):
+        await dp.set_shunt(A, B, ShuntKind.HOLD, 60 + i)
+    assert len(dp._deadlines) <= 64 + 4 * 2
+
+
+async def test_policy_lookup_by_prefix_ipv6():
+    dp = make_dp(Clock())
+    await dp.set_trap(ipaddress.ip_network("2001:db8:b::/64"))
+    await dp.set_block(ipaddress.ip_network("2001:db8:b::40/122"))
+    assert dp.policy_for(packet.parse(udp(A6, ipaddress.ip_address("2001:db8:b::1")))) == "trap"
+    assert dp.policy_for(packet.parse(udp(A6, ipaddress.ip_address("2001:db8:b::7f")))) == "block"
+    assert dp.policy_for(packet.parse(udp(A6, ipaddress.ip_address("2001:db8:c::1")))) is None
+    await dp.remove_group_policy(ipaddress.ip_network("2001:db8:b::40/122"))
+    assert dp.policy_for(packet.parse(udp(A6, ipaddress.ip_address("2001:db8:b::7f")))) == "trap"
