@@ -175,6 +175,7 @@ class KernelDataplane:
         self._acquire_seq: dict[tuple, tuple] = {}  # (src, dst) -> (seq, policy index)
         self._base: list[tuple] = []  # (sel, dir) of the ND bypass policies
         self._sealed: list[tuple] = []  # (sel, dir): a previous run's SA out policies, blocked
+        self._kept: list[tuple] = []  # (sel, dir): blocks seal() leaves for the next run
         self.resyncs = 0  # times the event socket overflowed and state was re-read
 
     # --- life cycle -------------------------------------------------------------------------
@@ -217,7 +218,7 @@ class KernelDataplane:
                 await self.xfrm.del_policy(sel, d)
             self._base.clear()
             # a sweep by dump: adopted pairs and anything a failed call left go too
-            await self.reconcile(keep_pairs=keep_sas)
+            await self.reconcile(keep_pairs=keep_sas, keep=set(self._kept))
             if self._larval_fd is not None:
                 os.pwrite(self._larval_fd, self._larval_drop_before + b"\n", 0)
         finally:
@@ -236,18 +237,18 @@ class KernelDataplane:
     def own_reqid(self, reqid: int) -> bool:
         return reqid in self.reqid_band
 
-    async def reconcile(self, keep_pairs: bool | None = None,
-                        seal_pairs: bool = False) -> tuple[int, int]:
+    async def reconcile(self, keep_pairs: bool | None = None, seal_pairs: bool = False,
+                        keep: set = frozenset()) -> tuple[int, int]:
         """Delete own policies and SAs left from an earlier run; foreign ones stay. With
         keep_pairs (default: adopt_sas) own SA pairs and their policies stay (`adopted`).
         With seal_pairs (at start) an SA pair's out policy that does not stay becomes a block
         policy in place (SEAL_S lifetime) until a group policy covering its peer is installed:
         the pair's traffic, encrypted until now (a stop with keep_sas), is dropped rather than
-        sent in clear before the groups' traps are back. Returns (policies removed or sealed,
-        SAs removed)."""
+        sent in clear before the groups' traps are back. `keep`: (selector, dir) of own
+        policies that stay. Returns (policies removed or sealed, SAs removed)."""
         np = ns = 0
         sas = await self.xfrm.sas()
-        keep = set()
+        keep_pols, keep = keep, set()
         if self.adopt_sas if keep_pairs is None else keep_pairs:
             self.adopted = [sa for sa in sas if self.own_reqid(sa.reqid) and not sa.larval
                             and sa.reqid not in (self.trap_reqid, self.probe_reqid)]
@@ -255,7 +256,7 @@ class KernelDataplane:
             if keep:  # new pairs take reqids above the adopted ones
                 self._reqids = itertools.count(max(keep) + 1)
         for p in await self.xfrm.policies():
-            if not self.own_policy(p):
+            if not self.own_policy(p) or (p.sel, p.dir) in keep_pols:
                 continue
             if (p.priority == self._prio(RANK_SA) and p.templates
                     and all(t.reqid in keep for t in p.templates)):
@@ -276,6 +277,18 @@ class KernelDataplane:
                     and await self.xfrm.del_sa(sa.dst, sa.spi, mark=sa.mark, if_id=sa.if_id)):
                 ns += 1
         return np, ns
+
+    async def seal(self, local: IPAddress, remote: IPAddress) -> None:
+        """Fail closed across a restart (issue 5 acceptance 1): a block policy on the host pair
+        (its SAs already gone) that stop() leaves behind, bounded by SEAL_S in the kernel. The
+        next start keeps it until a group policy covers the peer again, so a `private` peer's
+        traffic is never sent in clear while no agent runs."""
+        local, remote = _addr(local), _addr(remote)
+        sel = Selector.pair(local, remote)
+        await self._install(sel, "out", RANK_SA, "block", lifetime=Lifetime(hard_s=SEAL_S))
+        self._pairs.pop((local, remote), None)  # no longer a shunt or SA of this run
+        self._owners.pop((sel, "out"), None)
+        self._kept.append((sel, "out"))
 
     async def _unseal(self, dst: IPNetwork) -> None:
         """A group policy now covers dst: the sealed pairs whose peer is in it go (unless this

@@ -4,6 +4,8 @@ and two pairs of one host pair side by side with the newer one deleted first. Ag
 in-memory kernel of test_xfrm_dataplane (the kernel's EEXIST/ENOENT and index rules)."""
 from __future__ import annotations
 
+import ipaddress
+
 import pytest
 
 from oe_agent.model import ShuntKind
@@ -137,3 +139,28 @@ async def test_a_kept_pair_is_sealed_at_start_until_its_group_is_back():
     assert await second.xfrm.get_policy(Selector.pair(A, B), "out") is None
     assert {str(x.sel.dst) for x in await second.xfrm.policies()} == {"198.51.100.0/24",
                                                                       "192.0.2.0/25"}
+
+
+async def test_seal_outlives_a_clean_stop_and_goes_when_the_group_is_back():
+    """A stopping agent seals a `private` peer it had an SA with: the block stays after
+    stop() (bounded by its lifetime), everything else goes; the next start keeps it until
+    the group's trap covers the peer."""
+    first = KernelDataplane()
+    first.xfrm = xf = FakeXfrm()
+    xf.close = lambda: None
+    p = params(first)
+    await first.add_child_sa(p)
+    await first.set_trap("192.0.2.0/25")
+    await first.set_shunt(A, ipaddress.ip_address("192.0.2.3"), ShuntKind.DROP, 60)
+    await first.del_child_sa(p)
+    await first.seal(A, B)
+    await first.stop()
+    (kept,) = await xf.policies()
+    assert (kept.sel, kept.dir, kept.action) == (Selector.pair(A, B), "out", "block")
+    assert 0 < kept.lifetime.hard_s <= 300 and await xf.sas() == []
+    second = KernelDataplane()
+    second.xfrm = xf
+    await second.reconcile(seal_pairs=True)
+    assert [x.action for x in await xf.policies()] == ["block"]
+    await second.set_trap("192.0.2.0/25")
+    assert [(str(x.sel.dst), x.action) for x in await xf.policies()] == [("192.0.2.0/25", "allow")]
