@@ -380,8 +380,15 @@ class Agent:
                 await self._dp_del(params)
             self._doomed.clear()
             if not keep:
+                seal = getattr(self.dataplane, "seal", None)
                 for p in list(self.peers.values()):
+                    # fail closed (issue 5, 1): a `private` peer we had an SA with stays
+                    # blocked until the next start's trap covers it, not clear in between
+                    sealed = (seal is not None and bool(p.children) and p.local is not None
+                              and p.group is not None and p.group.group == "private")
                     await self._input(p, PeerInput.STOP, None)
+                    if sealed:
+                        await seal(p.local, p.remote)
                 await self._apply(diff(self.kernel_state, frozenset()))
                 self.kernel_state = frozenset()
         while self._requests:  # asked while stopping: answered, not left waiting
