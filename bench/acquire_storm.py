@@ -339,6 +339,14 @@ def body(args) -> int:
         sender_log = (a.workdir / "sender.log").read_text()
         end = float(sender_log.split("end ")[1].split()[0])
         seen = {p["remote"]: p["state"] for p in st["peer_list"]}
+        try:  # the agent's event counters: why negotiations failed, DNS statuses
+            from oe_agent.control.client import call
+            mtext = call(argparse.Namespace(socket=str(sock), timeout=10.0), "GET", "/metrics",
+                         text=True)
+            agent_events = {ln.split('"')[1]: int(ln.split()[-1]) for ln in mtext.splitlines()
+                            if ln.startswith("oe_agent_events_total{")}
+        except Exception as e:  # a figure less, not a failed run
+            agent_events = {"error": str(e)}
         agent_cpu = cpu_seconds(agent.pid)
         agent_cpu = None if agent_cpu is None else agent_cpu - cpu_start
         children_cpu = cpu_seconds(agent.pid, children=True)  # e.g. the nft runs it waited for
@@ -389,7 +397,7 @@ def body(args) -> int:
               "agent_cpu_ms_per_destination": None if agent_cpu is None else
               agent_cpu * 1000 / args.n, "agent_children_cpu_s": children_cpu,
               "status_polls": len(polls), "status_polls_missed": missed,
-              "other_processes_cpu_s": peers_cpu,
+              "other_processes_cpu_s": peers_cpu, "agent_events": agent_events,
               "timeline_columns": ["t_s", *TIMELINE_STATES], "timeline": timeline,
               "first_status_answer_s": first_poll, "end_states": end_states,
               "agent_log_tail": log_tail}
@@ -418,6 +426,7 @@ def body(args) -> int:
           f"in child processes it ran (nft); CPU of the responder {peers_cpu['responder']} s, "
           f"of the DNS server {peers_cpu['dns_server']} s; load average "
           f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    print(f"agent events: {agent_events}")
     step = max(1, len(timeline) // 12)
     print("timeline (s: " + "/".join(TIMELINE_STATES) + "): " + ", ".join(
         f"{t:g}: {'/'.join(map(str, c))}" for t, *c in timeline[::step] + timeline[-1:]))

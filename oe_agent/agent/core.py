@@ -40,6 +40,10 @@ MAX_PEERS = 4096                     # idle peer records kept for `explain` (mem
 GRACE_S = 5.0                        # a superseded SA pair still decrypts this long
 TURN_MAX = 64                        # inputs handled per turn before the kernel sync + a yield
 TURN_S = 0.05                        # ... or this much time, whichever comes first
+# Negotiations we initiate at once; more acquires wait (held, in order). Under a storm, work
+# started beyond what the CPU can finish only times out: retransmissions and DNS timeouts
+# that end in failure shunts for peers that have keys.
+MAX_INITIATING = 128
 
 
 # --- what the IKE side is asked to do, and what it reports -------------------------------
@@ -196,6 +200,8 @@ class Agent:
         self._depth = 0  # > 0 while a turn's dataplane changes are coalesced
         self._after_sync: list[Callable[[], None]] = []  # run once the turn's sync is done
         self._spi_in: dict[int, IPAddress] = {}  # our inbound SPI -> peer (SaExpire lookup)
+        self._initiating: set[IPAddress] = set()  # our negotiations in flight
+        self._waiting: dict[IPAddress, None] = {}  # acquired, waiting for a slot (FIFO)
         self._spi_out: dict[tuple[int, IPAddress], IPAddress] = {}  # (peer's SPI, peer)
 
     # --- inputs: posted by adapters -------------------------------------------------------
@@ -625,6 +631,10 @@ class Agent:
         await getattr(self, f"_do_{action.value}")(p, ev, prev)
         if nxt is not prev:
             log.info("%s: %s -> %s (%s)", p.remote, prev.value, nxt.value, inp.value)
+            if prev is PeerState.NEGOTIATING and p.state is not PeerState.NEGOTIATING:
+                self._initiating.discard(p.remote)
+                self._waiting.pop(p.remote, None)
+                await self._admit_waiting()
 
     async def _do_ignore(self, p, ev, prev):
         pass
@@ -640,7 +650,23 @@ class Agent:
         p.history.append((now, f"acquire {acq.src if acq else p.local} -> {p.remote}: "
                                f"{kind.value} while negotiating"))
         self.metrics["negotiations_started"] += 1
-        await self._start_ike(p)
+        if len(self._initiating) < MAX_INITIATING:
+            self._initiating.add(p.remote)
+            await self._start_ike(p)
+        else:  # held like the others; its IKE and DNS start when a slot frees
+            self._waiting[p.remote] = None
+            p.history.append((now, f"waiting: {MAX_INITIATING} of our negotiations run already"))
+
+    async def _admit_waiting(self) -> None:
+        """Start the oldest waiting negotiations while slots are free (FIFO)."""
+        while self._waiting and len(self._initiating) < MAX_INITIATING and not self._stopping:
+            remote = next(iter(self._waiting))
+            del self._waiting[remote]
+            p = self.peers.get(remote)
+            if p is None or p.state is not PeerState.NEGOTIATING:
+                continue
+            self._initiating.add(remote)
+            await self._start_ike(p)
 
     async def _start_ike(self, p: Peer) -> None:
         pc = p.static

@@ -550,3 +550,22 @@ async def test_sa_expire_finds_its_peer_by_either_spi():
     await agent.handle(SaExpire(c.spi_in, LOCAL, True))  # inbound hard expire: gone
     assert agent.peers[POC].state is PeerState.TRAP and not agent.peers[POC].children
     assert agent._spi_in == {} and agent._spi_out == {}
+
+
+async def test_initiations_beyond_the_limit_wait_in_order(monkeypatch):
+    """A storm starts at most MAX_INITIATING negotiations; the others are held (their packets
+    too) and start, oldest first, as slots free."""
+    from oe_agent.agent import core
+    monkeypatch.setattr(core, "MAX_INITIATING", 2)
+    agent, dp, ike, res, clock, _ = await started()
+    dsts = [ipaddress.ip_address(f"192.0.2.{n}") for n in (7, 8, 9, 10)]
+    for d in dsts:
+        await acquire(agent, d)
+    assert [c[1] for c in ike.of("initiate")] == dsts[:2]
+    assert all(agent.peers[d].state is PeerState.NEGOTIATING for d in dsts)
+    assert all(dp.shunts[(LOCAL, d)][0] == "hold" for d in dsts)
+    assert "waiting" in agent.peers[dsts[2]].history[-1][1]
+    await agent.handle(Failed(dsts[1], "timeout", ike_id=ike.of("initiate")[1][2]))
+    assert [c[1] for c in ike.of("initiate")] == dsts[:3]
+    await agent.handle(ChildUp(dsts[0], child(dsts[0]), ike_id=ike.of("initiate")[0][2]))
+    assert [c[1] for c in ike.of("initiate")] == dsts
