@@ -146,6 +146,8 @@ def body(args) -> int:
     preflight(args)
     sides = ["oe-agent-rsa", "libreswan"] + (["oe-agent-ed25519"] if args.ed25519 else [])
     old = signal.signal(signal.SIGTERM, _sigterm)
+    # a shell starts background jobs with SIGINT ignored, and python then keeps it so
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     work = Path(tempfile.mkdtemp(prefix="setuplat."))
     vmrun = None
     t_start = time.monotonic()
