@@ -170,7 +170,8 @@ def body(args) -> int:
         rc = vmrun.wait()
         guest = work / "guest.json"
         if not guest.is_file():
-            raise BenchError(f"the guest run gave no result (vmrun exit {rc}); work dir {work}")
+            raise BenchError(f"the guest run gave no result (vmrun exit {rc}; its output is "
+                             "above)")
         data = json.loads(guest.read_text())
         if "error" in data:
             raise BenchError(f"the guest run failed: {data['error']} (logs: {work}/logs)")

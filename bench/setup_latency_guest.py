@@ -401,10 +401,10 @@ liveness = 3600
 def agent_records(side: Side, keys: Path) -> list[tuple[str, str]]:
     from oe_agent.dns.tools import ipseckey_lines, load_private_key
     out = []
-    for host, addrs in ((side.init, [side.local]), (side.resp, side.peers)):
-        key = load_private_key(keys / f"{side.auth.lower()}-{'init' if host is side.init else 'resp'}.pem")
-        out += [(zone_of(a), ln) for a, ln in zip(addrs, [x for x in ipseckey_lines(key, addrs)
-                                                           if not x.startswith(";")])]
+    for role, addrs in (("init", [side.local]), ("resp", side.peers)):
+        key = load_private_key(keys / f"{side.auth.lower()}-{role}.pem")
+        lines = [x for x in ipseckey_lines(key, addrs) if not x.startswith(";")]
+        out += [(zone_of(a), ln) for a, ln in zip(addrs, lines)]
     return out
 
 
