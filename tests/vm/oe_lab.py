@@ -1,9 +1,11 @@
-"""Agents with the KERNEL dataplane in namespaces inside the QEMU guest (real ESP), keyed by a
-signed reverse zone from the embedded DNS server (`oe-agent serve-zones`), validated from its DS.
+"""Agents with the KERNEL dataplane in namespaces inside the QEMU guest (real ESP), keyed by
+the reverse zones that knot signs (tests/interop/dnsfix.py's Knot), each agent asking its own
+validating unbound on its loopback (dnsfix's Unbound, stubbing the zones to knot) and validating
+the answers again from knot's DS (issue 5 acceptance 1: "with knot + unbound").
 
-Built for the guest's cost model (python start ~1 s, CPU work 16-20x slower): agents and the
-DNS server are the only processes; echo servers, probes and the wire sniffer are sockets and
-threads of the test process itself (opened inside each namespace by setns), and the control
+Built for the guest's cost model (python start ~1 s, CPU work 16-20x slower): agents, knotd
+and the unbounds are the only processes; echo servers, probes and the wire sniffer are sockets
+and threads of the test process itself (opened inside each namespace by setns), and the control
 API is called in-process. The wire is read on the bridge side of every veth (AF_PACKET), so
 each frame carries the host that sent it.
 """
@@ -83,6 +85,7 @@ class Agent:
     extra: str = ""
     v4s: list[str] = field(default_factory=list)   # every address it speaks from
     v6s: list[str] = field(default_factory=list)
+    resolver: str = DNS_V4  # what its config names: 127.0.0.1 once its own unbound runs
 
     @property
     def name(self) -> str:
@@ -307,7 +310,8 @@ class OeLab:
     extra_config: str = ""
     agents: list[Agent] = field(default_factory=list)
     dns: Host | None = None
-    dns_proc: object = None
+    knot: object = None
+    unbounds: list = field(default_factory=list)
     anchors: Path | None = None
     echo: Echo | None = None
     keys: dict = field(default_factory=dict)
@@ -342,8 +346,15 @@ class OeLab:
         for g in GROUPS:
             (pol / g).write_text("# oe-agent vm test\n" + groups.get(g, ""))
 
-    def _zones(self) -> Path:
+    def _zones(self) -> dict:
+        """origin -> dns.zone.Zone: the reverse zones with every published agent address's
+        IPSECKEY, and oe.example (the NS name), all unsigned: knot signs them (dnsfix's
+        AUTO_SIGNED; the ip6.arpa zone with NSEC3)."""
+        import dns.name
+        import dns.zone
+
         from oe_agent.dns.tools import ipseckey_lines
+        from tests.interop.dnsfix import AUTO_SIGNED, TOP
 
         records = []
         for ag in self.agents:
@@ -351,15 +362,27 @@ class OeLab:
             if ag.published and addrs:
                 records += [ln for ln in ipseckey_lines(self.keys[ag.name], addrs)
                             if not ln.startswith(";")]
-        zdir = self.factory.workdir / "zones"
-        zdir.mkdir(exist_ok=True)
-        for origin in ("2.0.192.in-addr.arpa", "8.b.d.0.1.0.0.2.ip6.arpa"):
-            lines = [f"$ORIGIN {origin}.", "$TTL 300",
+        zones = {}
+        for origin in AUTO_SIGNED:
+            lines = ["$TTL 300",
                      "@ SOA ns.oe.example. hostmaster.oe.example. 1 3600 600 86400 300",
                      "@ NS ns.oe.example."]
-            lines += [r for r in records if r.split()[0].endswith(f".{origin}.")]
-            (zdir / f"{origin}.zone").write_text("\n".join(lines) + "\n")
-        return zdir
+            if origin == TOP:
+                lines += [f"ns A {DNS_V4}", f"ns AAAA {DNS_V6}"]
+            lines += [r for r in records if r.split()[0].endswith("." + origin)]
+            o = dns.name.from_text(origin)
+            zones[o] = dns.zone.from_text("\n".join(lines) + "\n", origin=o, relativize=False)
+        return zones
+
+    def _dns_in_clear(self, ag: Agent) -> None:
+        """Its unbound reaches knot in clear: knot's addresses go to the `clear` group unless
+        a group file names them already (a /24 private group would trap the lookups)."""
+        pol = ag.host.workdir / "policies"
+        named = " ".join((pol / g).read_text() for g in GROUPS)
+        with open(pol / "clear", "a") as f:
+            for a in (f"{DNS_V4}/32", f"{DNS_V6}/128"):
+                if a not in named:
+                    f.write(a + "\n")
 
     def config(self, ag: Agent) -> Path:
         h = ag.host
@@ -368,22 +391,27 @@ class OeLab:
         body = (f'[agent]\naddresses = [{addrs}]\npolicies = "{h.workdir / "policies"}"\n'
                 f'socket = "{ag.sock}"\ndataplane = "kernel"\nlog_level = "debug"\n'
                 f'[identity]\nkey = "{h.workdir / "hostkey.pem"}"\n'
-                f'[dns]\nresolvers = ["{DNS_V4}"]\ntrust_anchors = "{self.anchors}"\n'
+                f'[dns]\nresolvers = ["{ag.resolver}"]\ntrust_anchors = "{self.anchors}"\n'
                 f'dnssec = "validate"\ntimeout = 5.0\n')
         cfg.write_text(merge_toml(body, BASE_CONFIG, self.extra_config, ag.extra))
         return cfg
 
     def start(self) -> None:
-        """DNS server, then every agent (in parallel), then echo servers."""
+        """knotd (signs the zones; its DS are the trust anchors), a validating unbound on each
+        agent's loopback, then every agent (in parallel), then echo servers."""
+        import types
+
+        from tests.interop.dnsfix import AUTO_SIGNED, Knot, Unbound
+
         self.dns = self.factory.add(v4=DNS_V4, v6=DNS_V6)
         self.anchors = self.factory.workdir / "anchors"
-        zdir = self._zones()
-        self.dns_proc = self.dns.popen(*oe("serve-zones", "--zones", str(zdir), "--listen", DNS_V4,
-                                           "--listen", DNS_V6, "--port", "53", "--anchors-out",
-                                           str(self.anchors)), log="dns.log")
-        poll(lambda: (self.anchors.exists() and self.anchors.read_text().strip())
-             or self.dns_proc.poll() is not None, "the DNS server's anchors", 120)
-        assert self.dns_proc.poll() is None, (self.dns.workdir / "dns.log").read_text()
+        self.knot = Knot(self.dns, types.SimpleNamespace(zones=self._zones())).start()
+        self.anchors.write_text(self.knot.anchors_text())
+        for ag in self.agents:
+            self._dns_in_clear(ag)
+            self.unbounds.append(Unbound(ag.host, self.knot.anchors_text(),
+                                         {z: DNS_V4 for z in AUTO_SIGNED}).start())
+            ag.resolver = "127.0.0.1"
         for ag in self.agents:
             self.launch(ag)
         for ag in self.agents:
@@ -395,7 +423,7 @@ class OeLab:
     def launch(self, ag: Agent) -> None:
         ag.proc = ag.host.popen(*oe("run", "-c", str(self.config(ag))), log="agent.log")
 
-    def wait_up(self, ag: Agent, bound: float = 180) -> None:
+    def wait_up(self, ag: Agent, bound: float = 300) -> None:
         def up():
             if ag.proc.poll() is not None:
                 return True
@@ -468,6 +496,10 @@ class OeLab:
         for ag in self.agents:
             if ag.proc is not None and ag.proc.poll() is None:
                 self.stop(ag)
+        for u in self.unbounds:
+            u.stop()
+        if self.knot is not None:
+            self.knot.stop()
         shutil.rmtree(self.sockdir, ignore_errors=True)
 
     def keep_logs(self) -> None:

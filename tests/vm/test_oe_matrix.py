@@ -1,7 +1,7 @@
 """Issue 5 acceptance 1 and 7 on real kernel ESP: the group matrix over IPv4 and IPv6.
 
-Agents A and B with the kernel dataplane (tests/vm/oe_lab.py's shared lab), keys in the signed
-reverse zones. Each ordered group pair (g1 on the sender, g2 on the receiver) has its own
+Agents A and B with the kernel dataplane (tests/vm/oe_lab.py's shared lab), keys in the
+reverse zones knot signs, looked up through each agent's validating unbound. Each ordered group pair (g1 on the sender, g2 on the receiver) has its own
 address pair, so all 25 (both directions of every pair of the five groups, same-group pairs
 included) run at once, each between peers that never met. The bridge side of the veth is the
 wire: encrypted pairs carry ESP and their steady traffic is never in clear; a side whose group
