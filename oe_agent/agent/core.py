@@ -286,8 +286,8 @@ class Agent:
                     if self._requests or time.monotonic() > until:
                         break
                 await self.on_timers(self.clock())
-        except Exception:  # the sync at the turn's end failed: logged, the agent goes on
-            log.exception("dataplane sync failed")
+        except Exception:  # a timer or the sync at the turn's end failed: the agent goes on
+            log.exception("error in the core's turn")
 
     @contextlib.asynccontextmanager
     async def _coalesced(self):
@@ -852,7 +852,10 @@ class Agent:
         if p is None or p.state is not PeerState.UP:
             return
         spis = {c.spi_in for c in p.children.values()} | {c.spi_out for c in p.children.values()}
-        total = sum(c.bytes for c in await self.dataplane.counters() if c.spi in spis)
+        only = getattr(self.dataplane, "counters_for", None)  # this peer's, not every SA's
+        rows = await (only([c.spi_in for c in p.children.values()]) if only
+                      else self.dataplane.counters())
+        total = sum(c.bytes for c in rows if c.spi in spis)
         if total != p.last_bytes or now - p.last_active < self.config.idle_timeout:
             if total != p.last_bytes:
                 p.last_active = now

@@ -634,9 +634,17 @@ class UserspaceDataplane:
         return self._sa_in.get(spi_in)
 
     async def counters(self) -> list[SaCounters]:
+        return self._counters(self._sa_in.values())
+
+    async def counters_for(self, spis_in) -> list[SaCounters]:
+        """The counters of the SA pairs with these inbound SPIs only (an idle check of one
+        peer must not build every SA's counters)."""
+        return self._counters([sa for spi in spis_in if (sa := self._sa_in.get(spi))])
+
+    def _counters(self, sas) -> list[SaCounters]:
         mono, wall = self.clock(), time.time()
         out = []
-        for sa in self._sa_in.values():
+        for sa in sas:
             for d in (sa.inbound, sa.outbound):
                 st = d.stats
                 use = int(wall - (mono - st.last_use)) if st.packets else 0

@@ -569,3 +569,25 @@ async def test_initiations_beyond_the_limit_wait_in_order(monkeypatch):
     assert [c[1] for c in ike.of("initiate")] == dsts[:3]
     await agent.handle(ChildUp(dsts[0], child(dsts[0]), ike_id=ike.of("initiate")[0][2]))
     assert [c[1] for c in ike.of("initiate")] == dsts
+
+
+async def test_idle_check_asks_for_the_peers_counters_only():
+    agent, dp, ike, res, clock, _ = await started("idle_timeout = 100\n",
+                                                  answers={rev(POC): Answer("secure-key", (a_key(),))})
+    asked: list = []
+
+    async def counters_for(spis_in):
+        asked.append(list(spis_in))
+        return [c for c in await dp.counters() if c.spi in (0x100, 0x101)]
+
+    dp.counters_for = counters_for
+    await up(agent, POC)
+    clock.t += 100
+    await agent.on_timers(clock())
+    dp.bytes[0x101] += 500
+    clock.t += 100
+    await agent.on_timers(clock())
+    assert agent.peers[POC].state is PeerState.UP
+    clock.t += 100
+    await agent.on_timers(clock())
+    assert agent.peers[POC].state is PeerState.TRAP and asked == [[0x100]] * 3

@@ -607,3 +607,14 @@ async def test_policy_lookup_by_prefix_ipv6():
     assert dp.policy_for(packet.parse(udp(A6, ipaddress.ip_address("2001:db8:c::1")))) is None
     await dp.remove_group_policy(ipaddress.ip_network("2001:db8:b::40/122"))
     assert dp.policy_for(packet.parse(udp(A6, ipaddress.ip_address("2001:db8:b::7f")))) == "trap"
+
+
+async def test_counters_for_some_sas_only(wired):
+    clock, a, b, wire = wired
+    pa, pb = sa_pair()
+    await a.add_child_sa(pa)
+    await a.add_child_sa(peer_sa(9))
+    a.outbound(udp(A, B, b"x"), clock())
+    rows = await a.counters_for([pa.spi_in, 0x4242])
+    assert {(c.spi, c.packets) for c in rows} == {(pa.spi_in, 0), (pa.spi_out, 1)}
+    assert len(await a.counters()) == 4
