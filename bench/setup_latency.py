@@ -212,7 +212,7 @@ def report(args, data: dict, sides: list[str], wall: float) -> int:
             ratio = f"{s['p50'] / lsw['p50']:.2f}x p50, {s['p99'] / lsw['p99']:.2f}x p99"
             s["ratio_p50"] = s["p50"] / lsw["p50"]
             s["ratio_p99"] = s["p99"] / lsw["p99"]
-        rows.append([f"{name} <-> {name.split(' ')[0]}", s["auth"],
+        rows.append([f"{name} <-> {name}", s["auth"],
                      f"{s['ok']} ({len(s['failed'])} failed)", s.get("min"), s.get("p50"),
                      s.get("p99"), s.get("max"), ratio])
     print()
