@@ -349,7 +349,7 @@ class IkeSa:
 
         An initiator holds IKE_AUTH until this call (state AUTH_WAIT): with keys it
         authenticates with its own credential; with only UNAUTHENTICATED, with ID_NULL +
-        AUTH_NULL (RFC 7619 §3); with nothing, it sends no IKE_AUTH and fails ("auth-failed")."""
+        AUTH_NULL (RFC 7619 §3); with nothing, with its credential, and refuses the answer."""
         keys = tuple(keys)
         self._null_supplied = UNAUTHENTICATED in keys
         self._null_ok = self._null_ok or self._null_supplied
@@ -433,7 +433,7 @@ class IkeSa:
         return self._events.popleft() if self._events else None
 
     def get_timer(self) -> float | None:
-        # called after every datagram: no lists unless there is more than the current keyset
+        # called after every datagram: only the current keyset unless a rekey left more
         times = [self._deadline]
         ks = self._ks
         if ks.pending is not None:
@@ -848,14 +848,12 @@ class IkeSa:
 
     def _send_held_auth(self, ks: _Keyset, msg, now: float):
         self._deadline = None
-        if not self._peer_keys:
-            if not self._null_supplied:
-                # no usable key and AUTH_NULL not allowed: the responder must not get an SA
-                # we would refuse, so no IKE_AUTH (its half-open SA times out)
-                self._fail("auth-failed", "no usable key for the peer: IKE_AUTH not sent", now,
-                           NotifyType.AUTHENTICATION_FAILED)
-                return IkeState.CLOSED
+        if not self._peer_keys and self._null_supplied:
             self._go_anonymous()
+        # With no usable key at all IKE_AUTH still goes out, and the peer's AUTH is then
+        # refused with AUTHENTICATION_FAILED (§2.21.2): a peer left half-open instead holds
+        # its own traffic to us until its half-open timeout (its agent joined our
+        # negotiation), which is worse than the Child SA it makes and deletes at once.
         self._send_auth(ks, now)
         return None
 

@@ -15,8 +15,7 @@ class IkeState(enum.Enum):
     INIT_SENT = "init-sent"  # initiator: IKE_SA_INIT request out
     INIT_DONE = "init-done"  # responder: IKE_SA_INIT answered, waiting for IKE_AUTH
     # initiator: IKE_SA_INIT done, PeerKeyNeeded emitted; IKE_AUTH waits for the peer's keys
-    # (DNS): they choose our own AUTH (AUTH_NULL toward a keyless peer, RFC 7619) or that
-    # none is sent at all (no half-made SA on a responder we would refuse)
+    # (DNS): they choose our own AUTH (AUTH_NULL toward a keyless peer, RFC 7619)
     AUTH_WAIT = "auth-wait"
     AUTH_SENT = "auth-sent"  # initiator: IKE_AUTH request out
     KEYS_WAIT = "keys-wait"  # either: PeerKeyNeeded emitted, IKE_AUTH held until keys arrive
@@ -45,7 +44,7 @@ TABLE: dict[tuple[IkeState, Input], tuple[str, IkeState]] = {
     (S.IDLE, I.CONNECT): ("send_init", S.INIT_SENT),
     (S.IDLE, I.INIT_REQ): ("on_init_request", S.INIT_DONE),
     (S.INIT_SENT, I.INIT_RESP): ("on_init_response", S.AUTH_SENT),  # or AUTH_WAIT
-    (S.AUTH_WAIT, I.KEYS): ("send_held_auth", S.AUTH_SENT),  # or CLOSED: no usable key
+    (S.AUTH_WAIT, I.KEYS): ("send_held_auth", S.AUTH_SENT),
     (S.INIT_DONE, I.AUTH_REQ): ("on_auth_request", S.ESTABLISHED),
     (S.AUTH_SENT, I.AUTH_RESP): ("on_auth_response", S.ESTABLISHED),
     (S.KEYS_WAIT, I.KEYS): ("on_keys", S.ESTABLISHED),
