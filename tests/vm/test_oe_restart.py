@@ -5,9 +5,10 @@ side of P's veth, captured the whole time, never carries the canary in clear (ne
 datagrams nor Q's echoes of them), and the traffic is ESP again afterwards.
 
 Its own small lab (tests/vm/oe_lab.py: knot, an unbound per agent, two agents), so restarting
-P disturbs no other test. With `keep_sas_on_stop` the stopping agent leaves the SA pair in
-the kernel (P's traffic stays ESP while no agent runs) and the next start blocks that pair
-until the group's trap is back, then negotiates anew.
+P disturbs no other test. By default the stopping agent deletes the SA pair and leaves a
+bounded block on the host pair (KernelDataplane.seal); with `keep_sas_on_stop` it leaves the
+SA pair (P's traffic stays ESP while no agent runs). Either way the next start blocks the
+pair until the group's trap is back, then negotiates anew.
 """
 from __future__ import annotations
 
