@@ -7,6 +7,10 @@ P1 and P2) and two plutos, P1 and P2, each with D in its `policies/private-or-cl
 (libreswan's own OE conns: right=%opportunisticgroup, authby=null, ID_NULL both ways).
 P1 -> D: pluto's trap and ACQUIRE start it; D -> P2: the agent's. Transport mode (the
 agent's OE mode). The wire between them is the proof: ESP, and no steady plaintext.
+
+Agent K is the same with a host key (unpublished) and `ike.auth_null = true`: toward pluto,
+which publishes no key, it must authenticate with ID_NULL/AUTH_NULL (pluto's authby=null
+refuses a signature), and answer pluto's AUTH_NULL in kind; P1 -> K and K -> P2.
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ import pytest
 from tests.conftest import needs
 from tests.vm.oe_lab import Agent, frames_from, pair_frames, poll, probe, shared_lab, Sniffer
 
-D4, P1, P2 = "192.0.2.41", "192.0.2.42", "192.0.2.44"
+D4, P1, P2, K4 = "192.0.2.41", "192.0.2.42", "192.0.2.44", "192.0.2.46"
 NEGOTIATION = 90.0
 
 OE_CONNS = {
@@ -40,6 +44,8 @@ def oe_pluto(request, tmp_path_factory, esp_kernel):
     lab = sl.lab
     d = lab.add({"private-or-clear": f"{P1}/32\n{P2}/32\n"}, published=False, hostkey=False,
                 extra="[ike]\nauth_null = true\n", v4s=[D4], v6s=["2001:db8::41"])
+    k = lab.add({"private-or-clear": f"{P1}/32\n{P2}/32\n"}, published=False, hostkey=True,
+                extra="[ike]\nauth_null = true\n", v4s=[K4], v6s=["2001:db8::46"])
     plutos = []
     try:
         for addr in (P1, P2):
@@ -47,12 +53,13 @@ def oe_pluto(request, tmp_path_factory, esp_kernel):
             p = Pluto(h, name="pluto", debug="all")
             pol = p.dir / "ipsec.d" / "policies"
             pol.mkdir(parents=True, exist_ok=True)
-            (pol / "private-or-clear").write_text(f"{D4}/32\n")
+            (pol / "private-or-clear").write_text(f"{D4}/32\n{K4}/32\n")
             (pol / "clear").write_text("192.0.2.53/32\n")
             for name, body in OE_CONNS.items():
                 p.add_conn(name, body.format(me=addr))
             plutos.append(p)
         lab.launch(d)
+        lab.launch(k)
         for p in plutos:
             p.start(timeout=60)
             # start() re-adds each conn by name, which leaves the OE group unrouted: load the
@@ -60,21 +67,24 @@ def oe_pluto(request, tmp_path_factory, esp_kernel):
             p.whack("--listen", check=False)
             for name in OE_CONNS:
                 p.whack("--route", "--name", name, check=False)
-            poll(lambda: D4 in p.host.run("ip", "xfrm", "policy").stdout,
-                 f"pluto's trap policy for {D4}: {p.tail(20)}", 30)
+            poll(lambda: all(a in p.host.run("ip", "xfrm", "policy").stdout for a in (D4, K4)),
+                 f"pluto's trap policies for {D4} and {K4}: {p.tail(20)}", 30)
         lab.wait_up(d)
+        lab.wait_up(k)
         lab.echo.serve(d.host, [D4])
+        lab.echo.serve(k.host, [K4])
         for p in plutos:
             lab.echo.serve(p.host, [p.host.v4])
-        yield sl, d, plutos
+        yield sl, d, plutos, k
     finally:
         for p in plutos:
             p.stop()
-        if d.proc is not None and d.proc.poll() is None:
-            lab.stop(d)
+        for ag in (d, k):
+            if ag.proc is not None and ag.proc.poll() is None:
+                lab.stop(ag)
 
 
-def check_encrypted(sl, d, pluto, src_ag, src, dst, canary):
+def check_encrypted(sl, d, pluto, src_ag, src, dst, canary, agent_addr=D4):
     lab = sl.lab
     sniff = Sniffer(lab.factory, [d.host])
     try:
@@ -86,7 +96,7 @@ def check_encrypted(sl, d, pluto, src_ag, src, dst, canary):
     wire = pair_frames(sniff.frames(d.host), src, dst)
     assert wire.esp(), f"no ESP between {src} and {dst}\n{why}"
     assert not wire.plaintext((canary + ":s").encode()), f"steady traffic in clear\n{why}"
-    assert not frames_from(wire, D4).plaintext(canary.encode()), f"the agent leaked\n{why}"
+    assert not frames_from(wire, agent_addr).plaintext(canary.encode()), f"the agent leaked\n{why}"
     sas = [s for s in lab.api(d, "/sas") if s["remote"] == pluto.host.v4]
     assert len(sas) == 1, f"{sas}\n{why}"
     # pluto agrees: an established Child SA with the agent, and ESP states in its kernel
@@ -96,12 +106,25 @@ def check_encrypted(sl, d, pluto, src_ag, src, dst, canary):
 
 
 def test_pluto_initiates_auth_null_oe(oe_pluto):
-    sl, d, (p1, _) = oe_pluto
+    sl, d, (p1, _), _ = oe_pluto
     sa = check_encrypted(sl, d, p1, Agent(p1.host, "pluto", False), P1, D4, "CNRYPLUTOINIT")
     assert "null" in sa["auth"].lower() or "unauth" in sa["auth"].lower(), sa
 
 
 def test_agent_initiates_auth_null_oe(oe_pluto):
-    sl, d, (_, p2) = oe_pluto
+    sl, d, (_, p2), _ = oe_pluto
     sa = check_encrypted(sl, d, p2, d, D4, P2, "CNRYAGENTINIT")
+    assert "null" in sa["auth"].lower() or "unauth" in sa["auth"].lower(), sa
+
+
+def test_pluto_initiates_to_a_keyed_auth_null_agent(oe_pluto):
+    sl, _, (p1, _), k = oe_pluto
+    sa = check_encrypted(sl, k, p1, Agent(p1.host, "pluto", False), P1, K4, "CNRYPLUTOKEYED",
+                         agent_addr=K4)
+    assert "null" in sa["auth"].lower() or "unauth" in sa["auth"].lower(), sa
+
+
+def test_keyed_auth_null_agent_initiates(oe_pluto):
+    sl, _, (_, p2), k = oe_pluto
+    sa = check_encrypted(sl, k, p2, k, K4, P2, "CNRYKEYEDINIT", agent_addr=K4)
     assert "null" in sa["auth"].lower() or "unauth" in sa["auth"].lower(), sa
