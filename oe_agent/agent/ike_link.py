@@ -171,10 +171,13 @@ class IkeLinkAdapter:
     def _pump(self) -> None:
         """Send what the engine wrote and post its events to the core.
 
-        A new or rekeyed Child SA closes its peer's gate: what goes to that peer (the IKE_AUTH
-        or CREATE_CHILD_SA response that lets it send on the SA, the Delete of the old pair)
-        waits until the core says the SA is installed. Otherwise the peer's first ESP can
-        arrive before our inbound SA exists, and is dropped."""
+        A new Child SA closes its peer's gate: what goes to that peer (the IKE_AUTH response
+        that lets it send on the SA) waits until the core says the SA is installed. Otherwise
+        the peer's first ESP can arrive before our inbound SA exists, and is dropped.
+        Not for rekeys: installed at once, the new pair would carry our outbound traffic
+        before the initiator (still waiting for our answer) can decrypt it; a kernel
+        dataplane would need the outbound SA held back until the old pair's Delete (as
+        strongSwan does) to close both windows."""
         now = self.clock()
         out = self.endpoint.datagrams_to_send(now)
         inputs = []
@@ -189,7 +192,7 @@ class IkeLinkAdapter:
             for inp in self._translate(sa, e):
                 log.debug("%s: %s from IKE SA %s (%s)", sa.remote, type(inp).__name__,
                           sa.spi_i.hex(), "ours" if sa.initiated else "theirs")
-                if isinstance(inp, (ChildUp, ChildRekeyed)):
+                if isinstance(inp, ChildUp):
                     gate = self._gates.setdefault(inp.remote, [0, []])
                     gate[0] += 1
                     inp = dataclasses.replace(inp, installed=functools.partial(
@@ -207,7 +210,7 @@ class IkeLinkAdapter:
             self._wake.set()
 
     def _installed(self, remote: IPAddress, gate: list) -> None:
-        """The core acted on a ChildUp/ChildRekeyed of `remote`: open its gate once the last is in."""
+        """The core acted on a ChildUp of `remote`: open its gate once the last is in."""
         gate[0] -= 1
         if gate[0] <= 0:
             self._open_gate(remote, gate)

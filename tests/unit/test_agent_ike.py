@@ -300,11 +300,9 @@ async def test_rekey_through_the_engine_replaces_the_pair():
 
 
 async def test_responder_answers_only_once_its_sa_is_installed():
-    """The IKE_AUTH response (and a rekey's CREATE_CHILD_SA response) lets the initiator send
-    ESP at once: it leaves only after the responder's dataplane holds the new SA."""
+    """The IKE_AUTH response lets the initiator send ESP at once: it leaves only after the
+    responder's dataplane holds the new SA. (Rekeys are not gated: see IkeLinkAdapter._pump.)"""
     from oe_agent.ike.message import peek_header
-    from oe_agent.model import SaExpire
-
     a, b, tasks = await pair(POC, COP)
     order = []
     slow_add = b.dp.add_child_sa
@@ -330,10 +328,6 @@ async def test_responder_answers_only_once_its_sa_is_installed():
         a.agent.post(Acquire(src=A, dst=B))
         await until(lambda: a.state(B) is PeerState.UP and b.state(A) is PeerState.UP, "SA up")
         assert [k for k, _ in order] == ["installed", "answered"], order
-        (old,) = a.dp.sas
-        a.agent.post(SaExpire(spi=old, dst=A, hard=False))  # A rekeys: B answers
-        await until(lambda: len(order) == 4, "the rekey")
-        assert [k for k, _ in order[2:]] == ["installed", "answered"], order
     finally:
         await close(a, b, tasks)
 
