@@ -207,6 +207,16 @@ def sent_exchanges(side) -> list:
     return sent
 
 
+async def both_up_with_auth_null(a, b, initiator):
+    """`initiator` traps the other: one mirrored SA pair, AUTH_NULL on both sides."""
+    src, dst = (A, B) if initiator is a else (B, A)
+    initiator.agent.post(Acquire(src=src, dst=dst))
+    await until(lambda: a.state(B) is PeerState.UP and b.state(A) is PeerState.UP, "SA up")
+    assert mirrored(a, b)
+    assert "AUTH_NULL" in a.agent.explain(B, a.agent.clock())["now"]
+    assert "AUTH_NULL" in b.agent.explain(A, b.agent.clock())["now"]
+
+
 @pytest.mark.parametrize("keyed_initiates", [True, False])
 async def test_keyed_auth_null_agent_and_a_keyless_peer(keyed_initiates):
     """RFC 7619 OE with a host that has a key and allows AUTH_NULL, toward a host that has
@@ -215,12 +225,7 @@ async def test_keyed_auth_null_agent_and_a_keyless_peer(keyed_initiates):
     try:
         a.publish(b)  # B could verify A, but A must not sign: B has no key to answer with
         b.publish(a, "secure-denial")
-        src, dst, ini = (A, B, a) if keyed_initiates else (B, A, b)
-        ini.agent.post(Acquire(src=src, dst=dst))
-        await until(lambda: a.state(B) is PeerState.UP and b.state(A) is PeerState.UP, "SA up")
-        assert mirrored(a, b)
-        assert "AUTH_NULL" in a.agent.explain(B, a.agent.clock())["now"]
-        assert "AUTH_NULL" in b.agent.explain(A, b.agent.clock())["now"]
+        await both_up_with_auth_null(a, b, initiator=a if keyed_initiates else b)
     finally:
         await close(a, b, tasks)
 
@@ -230,12 +235,8 @@ async def test_keyed_agents_use_auth_null_when_the_responder_publishes_no_key():
     try:
         a.publish(b)
         b.publish(a, "secure-denial")  # B has a key but did not publish it
-        a.agent.post(Acquire(src=A, dst=B))
-        await until(lambda: a.state(B) is PeerState.UP and b.state(A) is PeerState.UP, "SA up")
-        assert mirrored(a, b)
-        # A authenticated as AUTH_NULL and B, which holds a key, answered in kind
-        assert "AUTH_NULL" in b.agent.explain(A, b.agent.clock())["now"]
-        assert "AUTH_NULL" in a.agent.explain(B, a.agent.clock())["now"]
+        # A authenticates as AUTH_NULL and B, which holds a key, answers in kind
+        await both_up_with_auth_null(a, b, initiator=a)
     finally:
         await close(a, b, tasks)
 
