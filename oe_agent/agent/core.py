@@ -100,7 +100,6 @@ class ChildRekeyed:
     old_spi_in: int
     ike_id: Any = None
     initiator: bool = True
-    installed: Callable[[], None] | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -479,11 +478,7 @@ class Agent:
                 self._when_synced(ev.installed)
 
     async def _on_child_rekeyed(self, ev: ChildRekeyed) -> None:
-        try:
-            await self._input(self._peer(ev.remote), PeerInput.REKEYED, ev)
-        finally:
-            if ev.installed is not None:
-                self._when_synced(ev.installed)
+        await self._input(self._peer(ev.remote), PeerInput.REKEYED, ev)
 
     async def _on_child_gone(self, ev: ChildGone) -> None:
         p = self._peer(ev.remote)
