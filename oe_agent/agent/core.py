@@ -77,7 +77,8 @@ class KeyNeeded:
     """The engine needs the peer's keys to verify AUTH (PeerKeyNeeded)."""
     remote: IPAddress
     ike_id: Any = None
-    peer_id: str = ""
+    peer_id: str = ""  # the peer's ID in words ("": not named yet, an initiator's ask)
+    fqdn: str = ""  # set when that ID is an FQDN: its key is looked up at that name
 
 
 @dataclass(frozen=True)
@@ -137,6 +138,7 @@ class _Request:
 
 IkeInput = IkeRequest | KeyNeeded | ChildUp | ChildRekeyed | ChildGone | Failed
 _WAKE = object()  # queued by request(): the core looks at its requests
+_ADDRESS = object()  # _judge's default: the peer's address answer
 _MUTATING = {"acquire", "reload"}  # requests answered only once their changes are synced
 
 
@@ -149,9 +151,11 @@ class Peer:
     state: PeerState = PeerState.TRAP
     group: GroupEntry | None = None
     static: PeerConfig | None = None
-    answer: Any = None          # last DNS answer
+    answer: Any = None          # DNS answer for the address (its reverse name)
     answer_name: str = ""
-    keys_needed: set = field(default_factory=set)   # ike_ids waiting for keys
+    named: dict[str, Any] = field(default_factory=dict)  # FQDN identity -> answer (None: asked)
+    keys_needed: dict = field(default_factory=dict)  # ike_id waiting for keys -> FQDN or ""
+    fqdn_ids: dict = field(default_factory=dict)  # ike_id -> the FQDN identity it claimed
     negotiations: set = field(default_factory=set)  # ike_ids in flight
     children: dict[int, ChildSaParams] = field(default_factory=dict)  # by spi_in
     child_ike: dict[int, Any] = field(default_factory=dict)  # spi_in -> the IKE SA it is on
@@ -463,9 +467,16 @@ class Agent:
 
     async def _on_key_needed(self, ev: KeyNeeded) -> None:
         p = self._peer(ev.remote)
-        p.keys_needed.add(ev.ike_id)
-        if ev.peer_id and ev.peer_id != str(ev.remote) and not _is_ip(ev.peer_id):
-            self._lookup(p, ev.peer_id)  # FQDN identity: its own name (product.md §4)
+        name = ev.fqdn.rstrip(".").lower()
+        p.keys_needed[ev.ike_id] = name
+        if name and (name not in p.named or p.named[name] is not None):
+            # an FQDN identity is authenticated by its own name's key, never the address's
+            # (product.md §4); its answer is kept apart from the address's, and asked afresh
+            # for each IKE SA (the resolver's cache answers a repeat)
+            p.named[name] = None
+            self._lookup(p, name)
+        if name:
+            p.fqdn_ids[ev.ike_id] = name
         self._supply(p)
 
     async def _on_child_up(self, ev: ChildUp) -> None:
@@ -510,7 +521,8 @@ class Agent:
     async def _on_failed(self, ev: Failed) -> None:
         p = self._peer(ev.remote)
         p.negotiations.discard(ev.ike_id)
-        p.keys_needed.discard(ev.ike_id)
+        p.keys_needed.pop(ev.ike_id, None)
+        p.fqdn_ids.pop(ev.ike_id, None)
         self.metrics[f"negotiations_failed_{ev.reason}"] += 1
         p.history.append((self.clock(), f"negotiation failed: {ev.reason}"
                           + (f" ({ev.detail})" if ev.detail else "")))
@@ -520,13 +532,21 @@ class Agent:
 
     async def _on_dns(self, ev: DnsAnswer) -> None:
         p = self._peer(ev.remote)
-        p.answer, p.answer_name = ev.answer, ev.name
         status = getattr(ev.answer, "status", "timeout")
         self.metrics[f"dns_{status}"] += 1
         p.history.append((self.clock(), f"DNS {ev.name or ev.remote}: {status}"
                           + (f" ({ev.answer.reason})" if getattr(ev.answer, "reason", "") else "")))
+        if ev.name and ev.name in p.named:
+            # an FQDN identity's answer serves only the IKE SAs that asked for that name: an
+            # unusable one refuses them (AUTHENTICATION_FAILED, then Failed as usual); it
+            # neither replaces the address's answer nor fails the peer's other negotiations
+            p.named[ev.name] = ev.answer
+            self._supply(p)
+            return
+        p.answer, p.answer_name = ev.answer, ev.name
         verdict = self._judge(p)
-        if verdict is None:
+        if verdict is None or any(p.keys_needed.values()):
+            # (an IKE SA that waits on an FQDN identity's key decides the peer's fate itself)
             self._supply(p)
             return
         reason, detail = verdict
@@ -541,9 +561,10 @@ class Agent:
 
     # --- decisions ----------------------------------------------------------------------------
 
-    def _judge(self, p: Peer) -> tuple[str, str] | None:
-        """None if the DNS answer lets the negotiation go on, else (shunt reason, detail)."""
-        a = p.answer
+    def _judge(self, p: Peer, a: Any = _ADDRESS) -> tuple[str, str] | None:
+        """None if the DNS answer (default: the address's) lets the negotiation go on, else
+        (shunt reason, detail)."""
+        a = p.answer if a is _ADDRESS else a
         status = getattr(a, "status", "timeout")
         group = p.group.group if p.group else ""
         keys = list(getattr(a, "keys", None) or [])
@@ -569,25 +590,28 @@ class Agent:
         return p.static is not None or (p.group is not None and p.group.group in ANSWERS)
 
     def _supply(self, p: Peer) -> None:
-        """Give keys to every IKE SA waiting for them, once the DNS answer is in."""
+        """Give keys to every IKE SA waiting for them whose identity's DNS answer is in."""
         if not p.keys_needed or self.ike is None:
             return
-        keys: list | str | None = None
-        if p.static is not None:
-            keys = self._static_keys(p.static)
-        elif p.answer is not None:
-            if self._judge(p) is None:
-                ks = [k.public_key for k in (getattr(p.answer, "keys", None) or [])]
-                keys = ks or UNAUTHENTICATED
-            else:
-                keys = []  # no usable key: the engine refuses the peer's AUTH
-        if keys is None:
-            return
-        for ike_id in list(p.keys_needed):
+        for ike_id, name in list(p.keys_needed.items()):
+            keys = self._keys_for(p, name)
+            if keys is None:
+                continue  # its answer is not in yet
             self.ike.supply_peer_keys(p.remote, ike_id, keys)
             if keys == []:
                 p.negotiations.discard(ike_id)  # it ends in AUTHENTICATION_FAILED
-        p.keys_needed.clear()
+            del p.keys_needed[ike_id]
+
+    def _keys_for(self, p: Peer, name: str) -> list | str | None:
+        """The keys for an IKE SA whose peer claims `name` ("": its address); None: wait."""
+        if p.static is not None:
+            return self._static_keys(p.static)
+        a = p.named.get(name) if name else p.answer
+        if a is None:
+            return None
+        if self._judge(p, a) is not None:
+            return []  # no usable key: the engine refuses the peer's AUTH
+        return [k.public_key for k in (getattr(a, "keys", None) or [])] or UNAUTHENTICATED
 
     def _static_keys(self, pc: PeerConfig) -> list | str:
         if pc.auth == "null":
@@ -706,7 +730,7 @@ class Agent:
         p.local = params.local
         now = self.clock()
         p.up_since, p.last_active, p.last_bytes = now, now, -1
-        p.auth = self._auth_words(p, ev.auth)
+        p.auth = self._auth_words(p, ev.auth, p.fqdn_ids.pop(ev.ike_id, ""))
         self.metrics["negotiations_succeeded"] += 1
         p.history.append((now, f"Child SA up: in {params.spi_in:08x} out {params.spi_out:08x} "
                                f"{params.alg.encr}-{params.alg.encr_key_bits} {params.mode.value}, "
@@ -727,7 +751,7 @@ class Agent:
                 p.child_ike[params.spi_in] = p.child_ike.get(ev.old_spi_in, ev.ike_id)
                 await self._del_child(p, old)
         else:
-            p.auth = self._auth_words(p, ev.auth)
+            p.auth = self._auth_words(p, ev.auth, p.fqdn_ids.pop(ev.ike_id, ""))
         p.history.append((self.clock(), f"Child SA {'rekeyed' if isinstance(ev, ChildRekeyed) else 're-established'}: "
                           f"in {params.spi_in:08x} out {params.spi_out:08x}"))
 
@@ -776,6 +800,7 @@ class Agent:
                 self.ike.abort(p.remote, ike_id, "stopped")
         p.negotiations.clear()
         p.keys_needed.clear()
+        p.fqdn_ids.clear()
         await self._do_restore(p, ev, prev)
 
     async def _do_restore(self, p: Peer, ev, prev):
@@ -825,14 +850,14 @@ class Agent:
         g = p.group.group if p.group else ""
         return self.config.negotiation_shunt.get(g, ShuntKind.HOLD)
 
-    def _auth_words(self, p: Peer, auth: str) -> str:
+    def _auth_words(self, p: Peer, auth: str, name: str = "") -> str:
         if auth == "null":
             return "unauthenticated (AUTH_NULL)"
         if auth == "psk":
             return "authenticated (PSK)"
         if p.static is not None:
             return "authenticated (static key)"
-        status = getattr(p.answer, "status", "")
+        status = getattr(p.named.get(name) if name else p.answer, "status", "")
         if status == "insecure":
             return "unauthenticated (key from unsigned DNS)"
         return "authenticated (DNSSEC key)"
@@ -1101,13 +1126,6 @@ class _NoResolver:
     ttl: int = 0
     reason: str = "no resolver configured"
 
-
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-        return True
-    except ValueError:
-        return False
 
 
 def load_public_key(text_or_path: str):

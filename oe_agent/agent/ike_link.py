@@ -28,7 +28,7 @@ from oe_agent.config import Config
 from oe_agent.errors import UserError
 from oe_agent.ike import auth as ikeauth
 from oe_agent.ike import events as ev
-from oe_agent.ike.const import ExchangeType
+from oe_agent.ike.const import ExchangeType, IdType
 from oe_agent.ike.keylog import KeyLogWriter
 from oe_agent.ike.message import peek_header
 from oe_agent.ike.payloads import IdInitiator
@@ -238,7 +238,8 @@ class IkeLinkAdapter:
         if isinstance(e, ev.PeerKeyNeeded):
             # an initiator asks before IKE_AUTH, when the peer has not named itself yet
             pid = "" if e.peer_id is None else str(e.peer_id)
-            return [KeyNeeded(r, ike_id=sa, peer_id=pid)]
+            fqdn = pid if getattr(e.peer_id, "id_type", None) == IdType.FQDN else ""
+            return [KeyNeeded(r, ike_id=sa, peer_id=pid, fqdn=fqdn)]
         if isinstance(e, ev.ChildSaEstablished):
             return [ChildUp(r, e.params, ike_id=sa, auth=_AUTH.get(sa.peer_auth, "pubkey"),
                             initiator=e.initiator)]

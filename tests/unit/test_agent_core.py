@@ -7,8 +7,8 @@ import ipaddress
 
 import pytest
 
-from oe_agent.agent.core import (UNAUTHENTICATED, ChildGone, ChildRekeyed, ChildUp, Failed,
-                                 IkeRequest, KeyNeeded)
+from oe_agent.agent.core import (UNAUTHENTICATED, ChildGone, ChildRekeyed, ChildUp, DnsAnswer,
+                                 Failed, IkeRequest, KeyNeeded)
 from oe_agent.agent.peer import PeerState
 from oe_agent.errors import UserError
 from oe_agent.model import Acquire, PolicyExpire, SaExpire
@@ -196,6 +196,61 @@ async def test_responder_looks_up_key_and_installs():
     await agent.handle(ChildUp(COP, child(COP), ike_id="r1"))
     assert agent.peers[COP].state is PeerState.UP and set(dp.sas) == {0x100}
     assert dp.shunts == {}
+
+
+async def test_fqdn_identity_is_keyed_by_its_own_name_whatever_order_the_answers_come():
+    """The key of a peer that names itself by FQDN comes from that name (product.md §4): an
+    address answer arriving later neither replaces it nor fails the peer, and the address's
+    own negotiations still get the address's key."""
+    fq, addr_key = a_key(), a_key()
+    agent, dp, ike, res, clock, _ = await started(answers={
+        rev(COP): Answer("secure-key", (addr_key,)), "host.example.org": Answer("secure-key", (fq,))})
+    res.gate.clear()
+    await agent.handle(IkeRequest(COP, LOCAL, ike_id="r1"))
+    await agent.handle(KeyNeeded(COP, ike_id="r1", peer_id="Host.Example.Org.", fqdn="Host.Example.Org."))
+    await asyncio.sleep(0)
+    assert res.asked == [str(COP), "host.example.org"]
+    # the FQDN's answer first, the address's after it
+    await agent.handle(DnsAnswer(COP, res.answers["host.example.org"], "host.example.org"))
+    assert ike.of("keys") == [("keys", COP, "r1", [fq.public_key])]
+    res.gate.set()
+    await settle(agent)
+    assert ike.of("keys") == [("keys", COP, "r1", [fq.public_key])]
+    await agent.handle(KeyNeeded(COP, ike_id="r2", peer_id=str(COP)))  # an IP identity
+    assert ike.of("keys")[-1] == ("keys", COP, "r2", [addr_key.public_key])
+    await agent.handle(ChildUp(COP, child(COP), ike_id="r1"))
+    assert agent.peers[COP].state is PeerState.UP
+    assert agent.explain(COP, clock())["dns"]["name"] == str(COP)
+
+
+async def test_fqdn_identity_without_a_key_refuses_that_ike_sa_only():
+    """No key at the FQDN: that IKE SA is refused (the engine answers AUTHENTICATION_FAILED);
+    the address's good answer stays, and no shunt is decided on the FQDN's word."""
+    addr_key = a_key()
+    agent, dp, ike, res, clock, _ = await started(answers={
+        rev(POC): Answer("secure-key", (addr_key,)), "nokey.example.org": Answer("secure-denial")})
+    await acquire(agent, POC)
+    await settle(agent)
+    await agent.handle(KeyNeeded(POC, ike_id="r1", peer_id="nokey.example.org", fqdn="nokey.example.org"))
+    await settle(agent)
+    assert ike.of("keys") == [("keys", POC, "r1", [])]
+    assert agent.peers[POC].state is PeerState.NEGOTIATING and dp.shunts[(LOCAL, POC)][0] == "hold"
+    await agent.handle(KeyNeeded(POC, ike_id=1))
+    assert ike.of("keys")[-1] == ("keys", POC, 1, [addr_key.public_key])
+
+
+async def test_address_denial_does_not_fail_a_peer_waiting_on_its_fqdn_key():
+    fq = a_key()
+    agent, dp, ike, res, clock, _ = await started(answers={
+        rev(POC): Answer("secure-denial"), "host.example.org": Answer("secure-key", (fq,))})
+    await agent.handle(IkeRequest(POC, LOCAL, ike_id="r1"))
+    await agent.handle(KeyNeeded(POC, ike_id="r1", peer_id="host.example.org", fqdn="host.example.org"))
+    await settle(agent)
+    assert ike.of("keys") == [("keys", POC, "r1", [fq.public_key])]
+    assert POC not in agent.shunts
+    await agent.handle(ChildUp(POC, child(POC), ike_id="r1"))
+    assert agent.peers[POC].state is PeerState.UP
+    assert "authenticated (DNSSEC key)" in agent.explain(POC, clock())["now"]
 
 
 async def test_responder_for_a_group_that_does_not_answer_aborts():
