@@ -62,7 +62,8 @@ async def make_dataplane(cfg: Config):
     if choice == "kernel":
         if kernel is None:
             raise UserError(f"{cfg.path}: agent.dataplane: the kernel dataplane is not in this build")
-        return kernel.KernelDataplane()
+        # keep_sas_on_stop: the next start adopts the kept pairs and renews them (core)
+        return kernel.KernelDataplane(adopt_sas=cfg.keep_sas_on_stop)
     from oe_agent.esp.dataplane import UserspaceDataplane
 
     # the IKE link owns port 4500 and hands ESP-in-UDP over (attach_udp / esp_received)

@@ -237,12 +237,27 @@ class Agent:
         async with self._coalesced():
             await self._apply(diff(frozenset(), self.groups.kernel_state()))
             self.kernel_state = self.groups.kernel_state()
+            await self._renew_adopted()
             for p in self.config.peers:
                 if p.start == "trap":
                     await self.dataplane.set_trap(ipaddress.ip_network(p.address))
                 if p.start == "now":
                     await self._input(self._peer(p.address), PeerInput.ACQUIRE,
                                       Acquire(src=self._local_for(p.address), dst=p.address))
+
+    async def _renew_adopted(self) -> None:
+        """SA pairs a `keep_sas_on_stop` stop left (the kernel dataplane adopts them) still
+        carry traffic but have no IKE SA: each gets a new one at once (make before break, the
+        peer drops its old IKE SA on our INITIAL_CONTACT), unless the peer's group no longer
+        answers IKE; then the kept pair goes and the group's policy applies."""
+        for local, remote in getattr(self.dataplane, "adopted_peers", lambda: [])():
+            p = self._peer(remote)
+            if self._answers(p):
+                await self._input(p, PeerInput.RENEW, Acquire(src=local, dst=remote))
+            else:
+                await self.dataplane.release_adopted(local, remote)
+                p.history.append((self.clock(), "SA pair kept by the previous run removed: "
+                                                "its group no longer allows one"))
 
     async def run(self) -> None:
         """Handle queued inputs and timers until stop(), a turn at a time (`_turn`)."""
@@ -668,6 +683,19 @@ class Agent:
         await self.dataplane.set_shunt(p.local, p.remote, kind, self.config.lifetimes["negotiation"])
         p.history.append((now, f"acquire {acq.src if acq else p.local} -> {p.remote}: "
                                f"{kind.value} while negotiating"))
+        await self._initiate(p)
+
+    async def _do_renew(self, p: Peer, acq: Acquire, prev):
+        """No shunt: the SA pair the previous run kept carries the traffic until the new pair
+        replaces it (the dataplane removes it then, or when a failure shunt takes its place)."""
+        p.local = acq.src
+        p.initiated = True
+        p.history.append((self.clock(), f"SA pair {p.local} -> {p.remote} kept by the previous "
+                                        "run: renewing it with a new IKE SA"))
+        await self._initiate(p)
+
+    async def _initiate(self, p: Peer) -> None:
+        now = self.clock()
         self.metrics["negotiations_started"] += 1
         if len(self._initiating) < MAX_INITIATING:
             self._initiating.add(p.remote)
@@ -801,6 +829,9 @@ class Agent:
         p.negotiations.clear()
         p.keys_needed.clear()
         p.fqdn_ids.clear()
+        release = getattr(self.dataplane, "release_adopted", None)
+        if release is not None and p.local is not None and await release(p.local, p.remote):
+            p.history.append((self.clock(), "SA pair kept by the previous run removed"))
         await self._do_restore(p, ev, prev)
 
     async def _do_restore(self, p: Peer, ev, prev):
@@ -1059,6 +1090,8 @@ class Agent:
                     f"{max(0.0, s.expires - now):.0f}s more")
         if p and p.state is PeerState.RESPONDING:
             return "the peer is negotiating with us"
+        if p and p.state is PeerState.NEGOTIATING:  # a renewal: no shunt of ours
+            return "encrypted on the SA pair kept by the previous run, while a new one is negotiated"
         if g is None:
             return "no IPsec: not covered by any group"
         return {"clear": "always in the clear (pass policy)",

@@ -29,10 +29,12 @@ class PeerInput(enum.Enum):
     IDLE = "idle"                    # no traffic either way for idle_timeout
     DISALLOWED = "disallowed"        # a reload moved the peer to a group that forbids its state
     STOP = "stop"                    # agent shutdown
+    RENEW = "renew"                  # an SA pair kept by the previous run needs an IKE SA
 
 
 class Action(enum.Enum):
     NEGOTIATE = "negotiate"          # put the negotiation shunt, DNS lookup ‖ IKE_SA_INIT
+    RENEW = "renew"                  # DNS lookup ‖ IKE_SA_INIT; the kept pair carries traffic
     RESPOND = "respond"              # let the engine answer; look up the peer's key
     JOIN = "join"                    # a negotiation runs already (peer's): add our shunt
     COUNT = "count"                  # one more packet under the shunt
@@ -51,14 +53,14 @@ class Action(enum.Enum):
 S, I, A = PeerState, PeerInput, Action
 # Columns: the inputs above, in order. One row per state.
 _COLUMNS = (I.ACQUIRE, I.IKE_REQUEST, I.CHILD_UP, I.FAILED, I.SHUNT_EXPIRED, I.REKEY_DUE,
-            I.REKEYED, I.SA_GONE, I.IDLE, I.DISALLOWED, I.STOP)
+            I.REKEYED, I.SA_GONE, I.IDLE, I.DISALLOWED, I.STOP, I.RENEW)
 _ROWS: dict[PeerState, tuple[tuple[Action, PeerState], ...]] = {
-    #              ACQUIRE                IKE_REQUEST              CHILD_UP            FAILED               SHUNT_EXPIRED          REKEY_DUE           REKEYED             SA_GONE              IDLE                 DISALLOWED           STOP
-    S.TRAP:        ((A.NEGOTIATE, S.NEGOTIATING), (A.RESPOND, S.RESPONDING), (A.INSTALL, S.UP), (A.IGNORE, S.TRAP), (A.IGNORE, S.TRAP), (A.IGNORE, S.TRAP), (A.IGNORE, S.TRAP), (A.IGNORE, S.TRAP), (A.IGNORE, S.TRAP), (A.IGNORE, S.TRAP), (A.IGNORE, S.TRAP)),
-    S.NEGOTIATING: ((A.COUNT, S.NEGOTIATING), (A.RESPOND, S.NEGOTIATING), (A.INSTALL, S.UP), (A.FAIL, S.SHUNTED), (A.FAIL, S.SHUNTED), (A.IGNORE, S.NEGOTIATING), (A.IGNORE, S.NEGOTIATING), (A.IGNORE, S.NEGOTIATING), (A.IGNORE, S.NEGOTIATING), (A.ABORT, S.TRAP), (A.ABORT, S.TRAP)),
-    S.RESPONDING:  ((A.JOIN, S.NEGOTIATING), (A.RESPOND, S.RESPONDING), (A.INSTALL, S.UP), (A.FORGET, S.TRAP), (A.IGNORE, S.RESPONDING), (A.IGNORE, S.RESPONDING), (A.IGNORE, S.RESPONDING), (A.IGNORE, S.RESPONDING), (A.IGNORE, S.RESPONDING), (A.ABORT, S.TRAP), (A.ABORT, S.TRAP)),
-    S.UP:          ((A.IGNORE, S.UP), (A.RESPOND, S.UP), (A.REPLACE, S.UP), (A.IGNORE, S.UP), (A.IGNORE, S.UP), (A.REKEY, S.UP), (A.REPLACE, S.UP), (A.REMOVE, S.TRAP), (A.DELETE, S.TRAP), (A.DELETE, S.TRAP), (A.DELETE, S.TRAP)),
-    S.SHUNTED:     ((A.COUNT, S.SHUNTED), (A.RESPOND, S.SHUNTED), (A.INSTALL, S.UP), (A.IGNORE, S.SHUNTED), (A.RESTORE, S.TRAP), (A.IGNORE, S.SHUNTED), (A.IGNORE, S.SHUNTED), (A.IGNORE, S.SHUNTED), (A.IGNORE, S.SHUNTED), (A.RESTORE, S.TRAP), (A.RESTORE, S.TRAP)),
+    #              ACQUIRE                IKE_REQUEST              CHILD_UP            FAILED               SHUNT_EXPIRED          REKEY_DUE           REKEYED             SA_GONE              IDLE                 DISALLOWED           STOP                 RENEW
+    S.TRAP:        ((A.NEGOTIATE, S.NEGOTIATING), (A.RESPOND, S.RESPONDING), (A.INSTALL, S.UP), (A.IGNORE, S.TRAP), (A.IGNORE, S.TRAP), (A.IGNORE, S.TRAP), (A.IGNORE, S.TRAP), (A.IGNORE, S.TRAP), (A.IGNORE, S.TRAP), (A.IGNORE, S.TRAP), (A.IGNORE, S.TRAP), (A.RENEW, S.NEGOTIATING)),
+    S.NEGOTIATING: ((A.COUNT, S.NEGOTIATING), (A.RESPOND, S.NEGOTIATING), (A.INSTALL, S.UP), (A.FAIL, S.SHUNTED), (A.FAIL, S.SHUNTED), (A.IGNORE, S.NEGOTIATING), (A.IGNORE, S.NEGOTIATING), (A.IGNORE, S.NEGOTIATING), (A.IGNORE, S.NEGOTIATING), (A.ABORT, S.TRAP), (A.ABORT, S.TRAP), (A.IGNORE, S.NEGOTIATING)),
+    S.RESPONDING:  ((A.JOIN, S.NEGOTIATING), (A.RESPOND, S.RESPONDING), (A.INSTALL, S.UP), (A.FORGET, S.TRAP), (A.IGNORE, S.RESPONDING), (A.IGNORE, S.RESPONDING), (A.IGNORE, S.RESPONDING), (A.IGNORE, S.RESPONDING), (A.IGNORE, S.RESPONDING), (A.ABORT, S.TRAP), (A.ABORT, S.TRAP), (A.IGNORE, S.RESPONDING)),
+    S.UP:          ((A.IGNORE, S.UP), (A.RESPOND, S.UP), (A.REPLACE, S.UP), (A.IGNORE, S.UP), (A.IGNORE, S.UP), (A.REKEY, S.UP), (A.REPLACE, S.UP), (A.REMOVE, S.TRAP), (A.DELETE, S.TRAP), (A.DELETE, S.TRAP), (A.DELETE, S.TRAP), (A.IGNORE, S.UP)),
+    S.SHUNTED:     ((A.COUNT, S.SHUNTED), (A.RESPOND, S.SHUNTED), (A.INSTALL, S.UP), (A.IGNORE, S.SHUNTED), (A.RESTORE, S.TRAP), (A.IGNORE, S.SHUNTED), (A.IGNORE, S.SHUNTED), (A.IGNORE, S.SHUNTED), (A.IGNORE, S.SHUNTED), (A.RESTORE, S.TRAP), (A.RESTORE, S.TRAP), (A.IGNORE, S.SHUNTED)),
 }
 TABLE: dict[tuple[PeerState, PeerInput], tuple[Action, PeerState]] = {
     (state, col): cell for state, row in _ROWS.items() for col, cell in zip(_COLUMNS, row, strict=True)

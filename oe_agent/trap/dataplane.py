@@ -155,6 +155,8 @@ class KernelDataplane:
         with stop(keep_sas=True) — config `keep_sas_on_stop` — instead of removing them."""
         self.adopt_sas = adopt_sas
         self.adopted: list = []  # Sa values kept from an earlier run
+        self._adopted_pairs: dict[tuple, set[int]] = {}  # (local, remote) -> kept reqids
+        self._adopted_pols: dict[int, list[tuple]] = {}  # kept reqid -> its (sel, dir)
         self.reqid_band = range(reqid_base, reqid_base + REQID_COUNT)
         self.priority_band = range(priority_base, priority_base + PRIORITY_COUNT)
         self.trap_reqid = reqid_base  # the template of trap and hold policies
@@ -260,6 +262,13 @@ class KernelDataplane:
                 continue
             if (p.priority == self._prio(RANK_SA) and p.templates
                     and all(t.reqid in keep for t in p.templates)):
+                for t in p.templates:
+                    self._adopted_pols.setdefault(t.reqid, []).append((p.sel, p.dir))
+                if (p.dir == "out" and p.sel.src.num_addresses == 1
+                        and p.sel.dst.num_addresses == 1):
+                    pair = (p.sel.src.network_address, p.sel.dst.network_address)
+                    self._adopted_pairs.setdefault(pair, set()).update(
+                        t.reqid for t in p.templates)
                 continue
             if (seal_pairs and p.priority == self._prio(RANK_SA) and p.dir == "out"
                     and p.sel.src.num_addresses == 1 and p.sel.dst.num_addresses == 1
@@ -277,6 +286,31 @@ class KernelDataplane:
                     and await self.xfrm.del_sa(sa.dst, sa.spi, mark=sa.mark, if_id=sa.if_id)):
                 ns += 1
         return np, ns
+
+    def adopted_peers(self) -> list[tuple[IPAddress, IPAddress]]:
+        """(local, remote) of the SA pairs kept from the previous run that still carry
+        traffic: the agent renews each with a fresh IKE SA (it has none for them)."""
+        return list(self._adopted_pairs)
+
+    async def release_adopted(self, local: IPAddress, remote: IPAddress) -> bool:
+        """Remove the pair's kept SAs and those of their policies this run has not since
+        taken over (a new SA pair's, a shunt's). add_child_sa and set_shunt call it for
+        their pair: a renewed pair replaces the kept one at once. True if there was one."""
+        reqids = self._adopted_pairs.pop((_addr(local), _addr(remote)), None)
+        if not reqids:
+            return False
+        for sa in [sa for sa in self.adopted if sa.reqid in reqids]:
+            self.adopted.remove(sa)
+            await self.xfrm.del_sa(sa.dst, sa.spi, mark=sa.mark, if_id=sa.if_id)
+        for r in reqids:
+            for sel, d in self._adopted_pols.pop(r, []):
+                if (sel, d) in self._owners:
+                    continue
+                cur = await self.xfrm.get_policy(sel, d)
+                if (cur is not None and self.own_policy(cur) and cur.templates
+                        and all(t.reqid in reqids for t in cur.templates)):
+                    await self.xfrm.del_policy(sel, d)
+        return True
 
     async def seal(self, local: IPAddress, remote: IPAddress) -> None:
         """Fail closed across a restart (issue 5 acceptance 1): a block policy on the host pair
@@ -391,6 +425,8 @@ class KernelDataplane:
         await self._install(sel, "out", RANK_SHUNT, action, tmpl, Lifetime(hard_s=lifetime_s))
         self._pairs[(local, remote)] = ("shunt", kind)
         self._owners[(sel, "out")] = "shunt"
+        if self._adopted_pairs:  # the renewal failed (or the kept pair is dead): it goes
+            await self.release_adopted(local, remote)
         if kind is not ShuntKind.HOLD:  # held packets follow the failure shunt (§3)
             await self._retire_larval(local, remote)
             await self.release_held(local, remote)
@@ -548,6 +584,8 @@ class KernelDataplane:
         await self.release_held(local, remote)
         self._sas[key] = (params, pols)
         self._pairs[(local, remote)] = ("sa", key)
+        if self._adopted_pairs:  # a renewed pair replaces the one kept by the previous run
+            await self.release_adopted(local, remote)
 
     def _template(self, params: ChildSaParams, d: str) -> Template:
         local, remote = _addr(params.local), _addr(params.remote)

@@ -12,7 +12,8 @@ from oe_agent.agent.core import (UNAUTHENTICATED, ChildGone, ChildRekeyed, Child
 from oe_agent.agent.peer import PeerState
 from oe_agent.errors import UserError
 from oe_agent.model import Acquire, PolicyExpire, SaExpire
-from tests.unit.test_agent_fakes import LOCAL, LOCAL6, Answer, a_key, child, make_agent
+from tests.unit.test_agent_fakes import (LOCAL, LOCAL6, Answer, FakeDataplane, a_key, child,
+                                        make_agent)
 
 POC = ipaddress.ip_address("192.0.2.7")          # private-or-clear
 PRIV = ipaddress.ip_address("198.51.100.7")      # private
@@ -416,6 +417,68 @@ async def test_stop_deletes_everything_or_keeps_sas():
     await up(agent, POC)
     await agent.stop()
     assert set(dp.sas) == {0x100} and dp.stopped is True and dp.policies
+
+
+class AdoptingDataplane(FakeDataplane):
+    """The kernel dataplane's adoption contract: kept pairs listed at start, released when the
+    pair gets a new SA or a shunt, or on request."""
+
+    def __init__(self, kept):
+        super().__init__()
+        self.kept = {(LOCAL, ipaddress.ip_address(r)) for r in kept}
+        self.released = []
+
+    def adopted_peers(self):
+        return sorted(self.kept)
+
+    async def release_adopted(self, local, remote):
+        if (local, remote) in self.kept:
+            self.kept.discard((local, remote))
+            self.released.append(remote)
+            return True
+        return False
+
+    async def add_child_sa(self, params):
+        await super().add_child_sa(params)
+        await self.release_adopted(params.local, params.remote)
+
+    async def set_shunt(self, local, remote, kind, lifetime_s):
+        await super().set_shunt(local, remote, kind, lifetime_s)
+        await self.release_adopted(local, remote)
+
+
+async def test_pairs_kept_by_the_previous_run_are_renewed_make_before_break():
+    """keep_sas_on_stop: at start each kept pair whose group answers IKE gets a new IKE SA
+    with no shunt (the kept pair carries the traffic meanwhile); the new pair replaces it.
+    A kept pair whose group is now clear goes at once."""
+    agent, dp, ike, res, clock, _ = make_agent("keep_sas_on_stop = true\n",
+                                               answers={rev(POC): Answer("secure-key", (a_key(),)),
+                                                        rev(COP): Answer("secure-key", (a_key(),))})
+    agent.dataplane = dp = AdoptingDataplane([POC, COP, CLEAR])
+    await agent.start()
+    assert dp.released == [CLEAR]
+    assert {c[1] for c in ike.of("initiate")} == {POC, COP} and dp.shunts == {}
+    assert agent.peers[POC].state is PeerState.NEGOTIATING
+    assert "kept by the previous run" in agent.explain(POC, clock())["now"]
+    await settle(agent)
+    ids = {c[1]: c[2] for c in ike.of("initiate")}
+    await agent.handle(KeyNeeded(POC, ike_id=ids[POC]))
+    await agent.handle(ChildUp(POC, child(POC), ike_id=ids[POC]))
+    assert agent.peers[POC].state is PeerState.UP and dp.released == [CLEAR, POC]
+    assert dp.calls == []  # no shunt was put on the renewed pairs, none removed
+    # the other renewal fails: the failure shunt takes the kept pair's place
+    await agent.handle(Failed(COP, "timeout", ike_id=ids[COP]))
+    assert dp.released == [CLEAR, POC, COP] and dp.shunts[(LOCAL, COP)][0] == "pass"
+
+
+async def test_a_renewal_aborted_by_a_reload_removes_the_kept_pair():
+    agent, dp, ike, res, clock, box = make_agent("keep_sas_on_stop = true\n")
+    agent.dataplane = dp = AdoptingDataplane([POC])
+    await agent.start()
+    box["texts"] = {"clear": "192.0.2.0/24\n"}
+    await agent.reload()
+    assert dp.released == [POC] and agent.peers[POC].state is PeerState.TRAP
+    assert ike.of("abort")
 
 
 async def test_reload_by_difference_keeps_allowed_sas():

@@ -5,7 +5,7 @@ from hypothesis import given, strategies as st
 from oe_agent.agent.peer import TABLE, Action as A, PeerInput as I, PeerState as S, render, step
 
 # What each action implies about the state after it (the core relies on these).
-RESULT_OF = {A.NEGOTIATE: {S.NEGOTIATING}, A.JOIN: {S.NEGOTIATING}, A.INSTALL: {S.UP},
+RESULT_OF = {A.NEGOTIATE: {S.NEGOTIATING}, A.RENEW: {S.NEGOTIATING}, A.JOIN: {S.NEGOTIATING}, A.INSTALL: {S.UP},
              A.REPLACE: {S.UP}, A.REKEY: {S.UP}, A.FAIL: {S.SHUNTED}, A.FORGET: {S.TRAP},
              A.REMOVE: {S.TRAP}, A.DELETE: {S.TRAP}, A.ABORT: {S.TRAP}, A.RESTORE: {S.TRAP},
              A.COUNT: {S.NEGOTIATING, S.SHUNTED}, A.RESPOND: {S.RESPONDING, S.NEGOTIATING, S.UP, S.SHUNTED}}
@@ -35,6 +35,9 @@ def test_cells_by_meaning():
     assert step(S.TRAP, I.IKE_REQUEST) == (A.RESPOND, S.RESPONDING)
     assert step(S.RESPONDING, I.CHILD_UP) == (A.INSTALL, S.UP)
     assert step(S.RESPONDING, I.FAILED) == (A.FORGET, S.TRAP)
+    # a pair kept by the previous run is renewed only from a fresh start (no shunt of ours)
+    assert step(S.TRAP, I.RENEW) == (A.RENEW, S.NEGOTIATING)
+    assert all(step(s, I.RENEW)[0] is A.IGNORE for s in S if s is not S.TRAP)
     # an incoming SA replaces a pending pass shunt
     assert step(S.SHUNTED, I.IKE_REQUEST) == (A.RESPOND, S.SHUNTED)
     assert step(S.SHUNTED, I.CHILD_UP) == (A.INSTALL, S.UP)

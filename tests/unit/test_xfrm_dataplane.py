@@ -347,6 +347,46 @@ async def test_clean_stop_also_removes_adopted_pairs_and_kept_stop_keeps_them(dp
     assert await xf.sas() == [] and await xf.policies() == []
 
 
+async def _adopting(keep=2):
+    """A run that kept `keep` SA pairs (to B, and to C) and the run after it, adopting."""
+    first = KernelDataplane()
+    first.xfrm = FakeXfrm()
+    c = ipaddress.ip_address("192.0.2.3")
+    await first.add_child_sa(params(first))
+    if keep > 1:
+        await first.add_child_sa(params(first, remote=c, spi_in=0x2101, spi_out=0x2102))
+    second = KernelDataplane(adopt_sas=True)
+    second.xfrm = first.xfrm
+    await second.reconcile()
+    return second, c
+
+
+async def test_a_renewed_pair_replaces_the_adopted_one_and_leaves_the_others():
+    dp, c = await _adopting()
+    assert sorted(dp.adopted_peers()) == [(A, B), (A, c)]
+    await dp.add_child_sa(params(dp, reqid=0, spi_in=0x3001, spi_out=0x3002))
+    assert dp.adopted_peers() == [(A, c)]
+    assert {s.spi for s in await dp.xfrm.sas()} == {0x3001, 0x3002, 0x2101, 0x2102}
+    pols = {(str(x.sel.src), str(x.sel.dst)): x.templates[0].reqid
+            for x in await dp.xfrm.policies()}
+    new = pols[("192.0.2.1/32", "192.0.2.2/32")]
+    assert pols[("192.0.2.2/32", "192.0.2.1/32")] == new > pols[("192.0.2.1/32", "192.0.2.3/32")]
+    await dp.del_child_sa(params(dp, reqid=0, spi_in=0x3001, spi_out=0x3002))
+    assert {s.spi for s in await dp.xfrm.sas()} == {0x2101, 0x2102}
+    assert {str(x.sel.dst) for x in await dp.xfrm.policies()} == {"192.0.2.3/32", "192.0.2.1/32"}
+
+
+@pytest.mark.parametrize("kind", [ShuntKind.DROP, ShuntKind.PASS])
+async def test_a_failed_renewal_shunt_replaces_the_adopted_pair(kind):
+    dp, _ = await _adopting(keep=1)
+    await dp.set_shunt(A, B, kind, 60)
+    assert dp.adopted_peers() == [] and dp.adopted == [] and await dp.xfrm.sas() == []
+    (pol,) = await dp.xfrm.policies()
+    assert (str(pol.sel.dst), pol.dir, pol.priority - dp.priority_band.start) == (
+        "192.0.2.2/32", "out", RANK_SHUNT)
+    assert not await dp.release_adopted(A, B)  # nothing left to release
+
+
 async def test_esn_outbound_sa_gets_the_window_too(dp):
     seen = []
     orig = dp.xfrm.add_sa

@@ -6,9 +6,10 @@ datagrams nor Q's echoes of them), and the traffic is ESP again afterwards.
 
 Its own small lab (tests/vm/oe_lab.py: knot, an unbound per agent, two agents), so restarting
 P disturbs no other test. By default the stopping agent deletes the SA pair and leaves a
-bounded block on the host pair (KernelDataplane.seal); with `keep_sas_on_stop` it leaves the
-SA pair (P's traffic stays ESP while no agent runs). Either way the next start blocks the
-pair until the group's trap is back, then negotiates anew.
+bounded block on the host pair (KernelDataplane.seal), and the next start keeps the pair
+blocked until the group's trap is back, then negotiates anew. With `keep_sas_on_stop` it
+leaves the SA pair (P's traffic stays ESP, and answered, while no agent runs), and the next
+start adopts it and renews it at once with a new IKE SA: no packet refused at any point.
 """
 from __future__ import annotations
 
@@ -111,6 +112,7 @@ def test_private_never_leaks_while_its_agent_restarts(restart_lab, extra):
         assert lab.stop(p) == 0, lab.log(p)[-3000:]
         stopped = time.monotonic()
         time.sleep(2.0)  # no agent runs: P goes on sending
+        launched = time.monotonic()
         shutil.copy(p.host.workdir / "agent.log",
                     p.host.workdir / f"agent.before-{'keep' if extra else 'default'}-restart.log")
         p.extra = KEEP
@@ -133,3 +135,9 @@ def test_private_never_leaks_while_its_agent_restarts(restart_lab, extra):
     spis = {spi for _, spi in wire.esp()}
     assert {int(after[0]["spi_in"], 16), int(after[0]["spi_out"], 16)} <= spis, (spis, after)
     assert sender.answered_after(stopped), f"nothing answered after the restart\n{why}"
+    if extra:
+        down = [n for n, t in sender.sent.items() if stopped < t < launched and n in sender.answered]
+        assert down, f"the kept SA pair carried nothing while no agent ran\n{why}"
+        assert sender.refused == 0, f"{sender.refused} datagrams refused (a block)\n{why}"
+        story = " ".join(h["event"] for h in lab.explain(p, Q4)["history"])
+        assert "kept by the previous run: renewing" in story, story
