@@ -175,7 +175,12 @@ class Dataplane(Protocol):
 
     async def alloc_spi(self, local: IPAddress, remote: IPAddress, seq: int = 0) -> int: ...
 
-    async def add_child_sa(self, params: ChildSaParams) -> None: ...
+    async def add_child_sa(self, params: ChildSaParams, outbound: bool = True) -> None:
+        """Install the pair. outbound=False (a rekey we answered): the inbound SA only, the
+        old pair keeps carrying our traffic until `add_outbound` (RFC 7296 §2.8)."""
+
+    async def add_outbound(self, params: ChildSaParams) -> None:
+        """The outbound SA of a pair added with outbound=False: our traffic moves to it."""
 
     async def del_child_sa(self, params: ChildSaParams) -> None: ...
 

@@ -38,6 +38,8 @@ UNAUTHENTICATED = "unauthenticated"  # the marker supply_peer_keys takes for AUT
 HISTORY = 32                         # negotiation history lines kept per peer
 MAX_PEERS = 4096                     # idle peer records kept for `explain` (memory bound)
 GRACE_S = 5.0                        # a superseded SA pair still decrypts this long
+OUT_WAIT_S = 10.0                    # a rekey we answered: our traffic moves to the new pair
+                                     # when the peer deletes the old one, or after this
 TURN_MAX = 64                        # inputs handled per turn before the kernel sync + a yield
 TURN_S = 0.05                        # ... or this much time, whichever comes first
 # Negotiations we initiate at once; more acquires wait (held, in order). Under a storm, work
@@ -100,7 +102,9 @@ class ChildRekeyed:
     params: ChildSaParams
     old_spi_in: int
     ike_id: Any = None
-    initiator: bool = True
+    initiator: bool = True  # we sent the CREATE_CHILD_SA (ChildSaRekeyed.initiator)
+    # as ChildUp's: called once the core has acted on it (the link holds our answer till then)
+    installed: Callable[[], None] | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -159,6 +163,9 @@ class Peer:
     negotiations: set = field(default_factory=set)  # ike_ids in flight
     children: dict[int, ChildSaParams] = field(default_factory=dict)  # by spi_in
     child_ike: dict[int, Any] = field(default_factory=dict)  # spi_in -> the IKE SA it is on
+    # rekeyed pairs still installed (old spi_in) -> their successor while it waits for our
+    # outbound traffic (a rekey the peer started), else None
+    retiring: dict[int, ChildSaParams | None] = field(default_factory=dict)
     auth: str = ""              # how the SA's peer was authenticated, in words
     up_since: float = 0.0
     last_bytes: int = -1
@@ -386,6 +393,12 @@ class Agent:
                 await self._idle_check(addr, now)
             elif kind == "del":
                 await self._dp_del(self._doomed.pop(seq))
+            elif kind == "out":
+                p = self.peers.get(addr[0])
+                if p is not None and p.retiring.get(addr[1]) is not None:
+                    p.history.append((now, f"no Delete for the rekeyed SA {addr[1]:08x} after "
+                                           f"{OUT_WAIT_S:.0f}s: sending on the new pair"))
+                    await self._move_out(p, addr[1])
 
     async def stop(self) -> None:
         """Clean stop: delete SAs and everything installed, unless keep_sas_on_stop."""
@@ -448,6 +461,8 @@ class Agent:
         if child is None:
             return
         if ev.hard:
+            if p.retiring.get(child.spi_in) is not None:
+                await self._move_out(p, child.spi_in)
             self._forget_child(p, child)
             p.history.append((self.clock(), f"SA {child.spi_in:08x} hard-expired"))
             if not p.children:
@@ -504,7 +519,11 @@ class Agent:
                 self._when_synced(ev.installed)
 
     async def _on_child_rekeyed(self, ev: ChildRekeyed) -> None:
-        await self._input(self._peer(ev.remote), PeerInput.REKEYED, ev)
+        try:
+            await self._input(self._peer(ev.remote), PeerInput.REKEYED, ev)
+        finally:
+            if ev.installed is not None:
+                self._when_synced(ev.installed)
 
     async def _on_child_gone(self, ev: ChildGone) -> None:
         p = self._peer(ev.remote)
@@ -516,6 +535,8 @@ class Agent:
         else:
             gone = list(p.children.values())
         for c in gone:
+            if p.retiring.get(c.spi_in) is not None:
+                await self._move_out(p, c.spi_in)  # the peer deleted the pair it rekeyed
             if len(p.children) > 1:
                 # another pair carries the traffic: packets already in flight on this one (the
                 # tie-break's loser, a restarted peer's old pair) still decrypt for a moment
@@ -766,19 +787,31 @@ class Agent:
         self._arm_idle(p, now)
 
     async def _do_replace(self, p: Peer, ev: ChildUp | ChildRekeyed, prev):
-        """A rekey replaces the old SA at once (RFC 7296 §2.8: install new, then delete old).
-        A second IKE SA's Child SA (crossing initiations, or a restarted peer) is installed
-        beside the old one; the old goes when its IKE SA is deleted (the engine's tie-break,
-        the peer's Delete, or liveness)."""
+        """A rekey (RFC 7296 §2.8) installs the new pair beside the old one, which goes when
+        the Delete exchange for it ends (ChildGone), GRACE_S later: packets the peer sent on
+        it meanwhile still decrypt. If the peer started the rekey, it sends on the new pair
+        only once it has our answer, and deletes the old one after: our traffic moves to the
+        new pair when that Delete comes (or OUT_WAIT_S at most), never before the peer can
+        read it. A second IKE SA's Child SA (crossing initiations, or a restarted peer) is
+        installed beside the old one; the old goes when its IKE SA is deleted (the engine's
+        tie-break, the peer's Delete, or liveness)."""
         params = self._soft_lifetime(ev)
-        await self.dataplane.add_child_sa(params)
-        self._add_child(p, params, ev.ike_id)
-        if isinstance(ev, ChildRekeyed):
-            old = p.children.get(ev.old_spi_in)
-            if old is not None and ev.old_spi_in != params.spi_in:
-                p.child_ike[params.spi_in] = p.child_ike.get(ev.old_spi_in, ev.ike_id)
-                await self._del_child(p, old)
+        old = p.children.get(ev.old_spi_in) if isinstance(ev, ChildRekeyed) else None
+        if old is not None and old.spi_in == params.spi_in:
+            old = None
+        wait = old is not None and not ev.initiator
+        if wait:
+            await self.dataplane.add_child_sa(params, outbound=False)
         else:
+            await self.dataplane.add_child_sa(params)
+        self._add_child(p, params, ev.ike_id)
+        if old is not None:
+            p.child_ike[params.spi_in] = p.child_ike.get(old.spi_in, ev.ike_id)
+            p.retiring[old.spi_in] = params if wait else None
+            if wait:
+                heapq.heappush(self._timers, (self.clock() + OUT_WAIT_S, next(self._seq), "out",
+                                              (p.remote, old.spi_in)))
+        if not isinstance(ev, ChildRekeyed):
             p.auth = self._auth_words(p, ev.auth, p.fqdn_ids.pop(ev.ike_id, ""))
         p.history.append((self.clock(), f"Child SA {'rekeyed' if isinstance(ev, ChildRekeyed) else 're-established'}: "
                           f"in {params.spi_in:08x} out {params.spi_out:08x}"))
@@ -806,6 +839,8 @@ class Agent:
         p.history.append((self.clock(), "the peer's negotiation failed; nothing installed"))
 
     async def _do_rekey(self, p: Peer, child: ChildSaParams, prev):
+        if child.spi_in in p.retiring:
+            return  # rekeyed already: it goes when its Delete ends
         p.history.append((self.clock(), f"soft expire of {child.spi_in:08x}: rekeying"))
         if self.ike:
             self.ike.rekey_child(p.remote, child.spi_in)
@@ -852,7 +887,19 @@ class Agent:
         self._spi_in[c.spi_in] = p.remote
         self._spi_out[(c.spi_out, p.remote)] = p.remote
 
+    async def _move_out(self, p: Peer, old_spi_in: int) -> None:
+        """Our traffic moves from a rekeyed pair to its successor (added without outbound)."""
+        new = p.retiring.pop(old_spi_in, None)
+        if new is not None and new.spi_in in p.children:
+            await self.dataplane.add_outbound(new)
+        if old_spi_in in p.children:
+            p.retiring[old_spi_in] = None  # still retiring, until its Delete ends
+
     def _forget_child(self, p: Peer, c: ChildSaParams) -> None:
+        p.retiring.pop(c.spi_in, None)
+        for old, new in list(p.retiring.items()):
+            if new is not None and new.spi_in == c.spi_in:
+                p.retiring[old] = None  # its successor went before taking our traffic
         if p.children.pop(c.spi_in, None) is not None:
             if self._spi_in.get(c.spi_in) == p.remote:
                 del self._spi_in[c.spi_in]

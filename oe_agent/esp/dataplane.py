@@ -532,7 +532,9 @@ class UserspaceDataplane:
                 self._spi_reserved[spi] = None  # until its SA is added
                 return spi
 
-    async def add_child_sa(self, params: ChildSaParams) -> None:
+    async def add_child_sa(self, params: ChildSaParams, outbound: bool = True) -> None:
+        """outbound=False: the SA receives at once but is chosen for sending only after
+        `add_outbound` (a rekey we answered: the peer may not have it yet)."""
         if params.encap is None and not self.raw_esp:
             raise UserError("this host has no raw ESP socket: the Child SA needs ESP-in-UDP")
         try:
@@ -546,10 +548,13 @@ class UserspaceDataplane:
             self._at(deadline, "sa", params.spi_in, sa)
         for ts in sa.ts_remote:
             net = ts.network() if ts.start != ts.end else ipaddress.ip_network(ts.start)
+            # newest last: sending picks the last that covers a packet
+            at = None if outbound else 0
             if ts.start == ts.end:
-                self._sa_host.setdefault(ts.start.packed, []).append(sa)
+                lst = self._sa_host.setdefault(ts.start.packed, [])
+                lst.insert(len(lst) if at is None else at, sa)
             else:
-                self._sa_nets.append(sa)
+                self._sa_nets.insert(len(self._sa_nets) if at is None else at, sa)
                 self._wide_sa_nets += 1
             if not self._sa_routes[net]:
                 self._in_dirty = True
@@ -571,6 +576,16 @@ class UserspaceDataplane:
             self.stats["early-esp-delivered"] += 1
             self.esp_received(data, addr)
         await self._commit()
+
+    async def add_outbound(self, params: ChildSaParams) -> None:
+        sa = self._sa_in.get(params.spi_in)
+        if sa is None:
+            return
+        for ts in sa.ts_remote:
+            lst = self._sa_host.get(ts.start.packed, []) if ts.start == ts.end else self._sa_nets
+            if sa in lst:
+                lst.remove(sa)
+                lst.append(sa)
 
     async def del_child_sa(self, params: ChildSaParams) -> None:
         sa = self._sa_in.get(params.spi_in)

@@ -75,6 +75,9 @@ class ChildSaRekeyed(IkeEvent):
 
     old: ChildSaParams
     new: ChildSaParams
+    # we sent the CREATE_CHILD_SA that made `new`; if not, the peer sends on `new` only once
+    # it has our answer, and deletes `old` after that (so our outbound waits for that Delete)
+    initiator: bool = True
 
 
 @dataclass(frozen=True)

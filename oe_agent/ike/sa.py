@@ -1161,7 +1161,7 @@ class IkeSa:
         else:
             old.state = ChildState.REKEYED
             self.children[child.spi_in] = child
-            self._emit(ChildSaRekeyed(old.params, child.params))
+            self._emit(ChildSaRekeyed(old.params, child.params, initiator=False))
         return None
 
     def _on_child_response(self, ks: _Keyset, msg: Message, now: float):
@@ -1244,7 +1244,7 @@ class IkeSa:
         winner.announced = True
         if peer is not None and winner is not peer[0]:
             peer[0].state = ChildState.REKEYED  # the peer deletes it
-        self._emit(ChildSaRekeyed(old.params, winner.params))
+        self._emit(ChildSaRekeyed(old.params, winner.params, initiator=winner is ours))
         spis = []
         if delete_old:
             spis.append(old.spi_in)

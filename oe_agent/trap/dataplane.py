@@ -173,6 +173,7 @@ class KernelDataplane:
         self._pairs: dict[tuple, tuple] = {}  # (local, remote) -> ("shunt", kind) | ("sa", key)
         self._owners: dict[tuple, object] = {}  # (sel, dir) -> "shunt" | SA key: who installed
         self._sas: dict[tuple, tuple] = {}  # (local, remote, spi_in) -> (params, policies)
+        self._no_out: set[tuple] = set()  # keys of _sas whose outbound SA waits (add_outbound)
         self._allocated: set[tuple] = set()  # (dst, spi) made larval by ALLOCSPI
         self._acquire_seq: dict[tuple, tuple] = {}  # (src, dst) -> (seq, policy index)
         self._base: list[tuple] = []  # (sel, dir) of the ND bypass policies
@@ -530,10 +531,12 @@ class KernelDataplane:
                 out.append((sel.reversed(), "fwd"))
         return out
 
-    async def add_child_sa(self, params: ChildSaParams) -> None:
+    async def add_child_sa(self, params: ChildSaParams, outbound: bool = True) -> None:
         """Both SAs of the pair, then their policies (replacing a shunt on the pair). An SPI
         from alloc_spi is filled in (UPDSA); the outbound SA carries the pair's ACQUIRE seq so
-        the kernel retires that larval state. On failure nothing of this pair stays."""
+        the kernel retires that larval state. On failure nothing of this pair stays.
+        outbound=False: no outbound SA yet (`add_outbound`): a rekey keeps the reqid, and the
+        kernel sends on the newest outbound SA of a reqid, which the peer may not have yet."""
         if params.reqid == 0:
             # a rekey keeps its pair's reqid (RFC 7296 §2.8: the old SA still receives while
             # the new one is installed, and an in policy names the reqid it accepts)
@@ -563,8 +566,9 @@ class KernelDataplane:
             else:
                 await self.xfrm.add_sa(inb)
             done_sas.append((local, params.spi_in))
-            await self.xfrm.add_sa(out)
-            done_sas.append((remote, params.spi_out))
+            if outbound:
+                await self.xfrm.add_sa(out)
+                done_sas.append((remote, params.spi_out))
             # in (and fwd) before out: the out policy is what sends, held packets included,
             # and until the in policy exists a plaintext answer to them would be accepted
             for sel, d in sorted(pols, key=lambda sp: sp[1] == "out"):
@@ -583,9 +587,17 @@ class KernelDataplane:
             self._owners[sp] = key
         await self.release_held(local, remote)
         self._sas[key] = (params, pols)
+        if not outbound:
+            self._no_out.add(key)
         self._pairs[(local, remote)] = ("sa", key)
         if self._adopted_pairs:  # a renewed pair replaces the one kept by the previous run
             await self.release_adopted(local, remote)
+
+    async def add_outbound(self, params: ChildSaParams) -> None:
+        key = (_addr(params.local), _addr(params.remote), params.spi_in)
+        if key in self._no_out:
+            await self.xfrm.add_sa(self._specs(params)[1])
+            self._no_out.discard(key)
 
     def _template(self, params: ChildSaParams, d: str) -> Template:
         local, remote = _addr(params.local), _addr(params.remote)
@@ -624,7 +636,10 @@ class KernelDataplane:
             await self._remove(*sp)
         if self._pairs.get((local, remote)) == ("sa", key):
             self._pairs.pop((local, remote), None)
-        await self.xfrm.del_sa(remote, params.spi_out)
+        if key in self._no_out:
+            self._no_out.discard(key)
+        else:
+            await self.xfrm.del_sa(remote, params.spi_out)
 
     async def counters(self) -> list[SaCounters]:
         """Bytes/packets of every own SA (larval states left out)."""

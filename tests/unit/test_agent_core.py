@@ -7,6 +7,7 @@ import ipaddress
 
 import pytest
 
+from oe_agent.agent import core
 from oe_agent.agent.core import (UNAUTHENTICATED, ChildGone, ChildRekeyed, ChildUp, DnsAnswer,
                                  Failed, IkeRequest, KeyNeeded)
 from oe_agent.agent.peer import PeerState
@@ -302,12 +303,45 @@ async def up(agent, dst, spi=0x100):
 
 
 async def test_rekey_on_soft_expire_then_replace():
+    """Our rekey: the new pair sends at once; the old one still decrypts until its Delete
+    exchange ends, and GRACE_S after that (what the peer sent on it meanwhile)."""
     agent, dp, ike, res, clock, _ = await started(answers={rev(POC): Answer("secure-key", (a_key(),))})
     await up(agent, POC)
     await agent.handle(SaExpire(spi=0x100, dst=LOCAL, hard=False))
     assert ike.of("rekey") == [("rekey", POC, 0x100)]
     await agent.handle(ChildRekeyed(POC, child(POC, 0x300, 0x301), old_spi_in=0x100))
-    assert set(dp.sas) == {0x300} and set(agent.peers[POC].children) == {0x300}
+    assert set(dp.sas) == {0x100, 0x300} and dp.sending[(LOCAL, POC)] == 0x301
+    await agent.handle(SaExpire(spi=0x100, dst=LOCAL, hard=False))  # its soft expire again
+    assert len(ike.of("rekey")) == 1  # rekeyed already: not again
+    await agent.handle(ChildGone(POC, 0x100, reason="local"))  # our Delete was answered
+    assert set(agent.peers[POC].children) == {0x300} and set(dp.sas) == {0x100, 0x300}
+    clock.t += core.GRACE_S + 0.1
+    await agent.on_timers(clock())
+    assert set(dp.sas) == {0x300} and agent.peers[POC].state is PeerState.UP
+
+
+async def test_a_rekey_the_peer_started_moves_our_traffic_when_it_deletes_the_old_pair():
+    """RFC 7296 §2.8: the peer sends on the new pair once it has our answer, then deletes the
+    old one; until that Delete our traffic stays on the old pair (the peer may not have the
+    new one yet), and the new pair only receives."""
+    agent, dp, ike, res, clock, _ = await started(answers={rev(POC): Answer("secure-key", (a_key(),))})
+    await up(agent, POC)
+    await agent.handle(ChildRekeyed(POC, child(POC, 0x300, 0x301), old_spi_in=0x100,
+                                    initiator=False))
+    assert set(dp.sas) == {0x100, 0x300} and dp.sending[(LOCAL, POC)] == 0x101
+    await agent.handle(ChildGone(POC, 0x100, reason="peer"))
+    assert dp.sending[(LOCAL, POC)] == 0x301 and ("add_outbound", 0x300) in dp.calls
+    clock.t += core.GRACE_S + 0.1
+    await agent.on_timers(clock())
+    assert set(dp.sas) == {0x300}
+    # a peer that never deletes the old pair: our traffic moves after OUT_WAIT_S anyway
+    await agent.handle(ChildRekeyed(POC, child(POC, 0x500, 0x501), old_spi_in=0x300,
+                                    initiator=False))
+    assert dp.sending[(LOCAL, POC)] == 0x301
+    clock.t += core.OUT_WAIT_S + 0.1
+    await agent.on_timers(clock())
+    assert dp.sending[(LOCAL, POC)] == 0x501 and set(dp.sas) == {0x300, 0x500}
+    assert "no Delete for the rekeyed SA" in " ".join(e for _, e in agent.peers[POC].history)
 
 
 async def test_peer_dead_removes_sas_and_next_packet_renegotiates():
@@ -438,8 +472,8 @@ class AdoptingDataplane(FakeDataplane):
             return True
         return False
 
-    async def add_child_sa(self, params):
-        await super().add_child_sa(params)
+    async def add_child_sa(self, params, outbound=True):
+        await super().add_child_sa(params, outbound)
         await self.release_adopted(params.local, params.remote)
 
     async def set_shunt(self, local, remote, kind, lifetime_s):
@@ -624,9 +658,9 @@ class CoalescingDataplane:
     def __getattr__(self, name):
         return getattr(self._dp, name)
 
-    async def add_child_sa(self, params):
+    async def add_child_sa(self, params, outbound=True):
         self.log.append(("add", params.spi_in))
-        await self._dp.add_child_sa(params)
+        await self._dp.add_child_sa(params, outbound)
 
     def coalesce(self):
         import contextlib

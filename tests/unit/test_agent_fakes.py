@@ -28,6 +28,7 @@ class FakeDataplane:
         self.policies: dict[tuple, str] = {}
         self.shunts: dict[tuple, tuple] = {}
         self.sas: dict[int, ChildSaParams] = {}
+        self.sending: dict[tuple, int] = {}  # host pair -> the outbound SPI in use
         self.bytes: dict[int, int] = {}
         self.stopped: bool | None = None
         self.calls: list[tuple] = []
@@ -64,10 +65,16 @@ class FakeDataplane:
     async def alloc_spi(self, local, remote, seq=0):
         return 0x1000 + len(self.sas)
 
-    async def add_child_sa(self, params):
+    async def add_child_sa(self, params, outbound=True):
         self.sas[params.spi_in] = params
         self.bytes.setdefault(params.spi_in, 0)
         self.bytes.setdefault(params.spi_out, 0)
+        if outbound:
+            self.sending[(params.local, params.remote)] = params.spi_out
+
+    async def add_outbound(self, params):
+        self.calls.append(("add_outbound", params.spi_in))
+        self.sending[(params.local, params.remote)] = params.spi_out
 
     async def del_child_sa(self, params):
         del self.sas[params.spi_in]

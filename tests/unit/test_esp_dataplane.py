@@ -277,6 +277,30 @@ async def test_rekey_new_sa_carries_traffic_old_still_received(wired):
     assert a._routes == {}
 
 
+async def test_a_rekey_we_answered_sends_on_the_old_pair_until_add_outbound(wired):
+    clock, a, b, wire = wired
+    p_old = sa_pair()
+    await a.add_child_sa(p_old[0])
+    await b.add_child_sa(p_old[1])
+    k1, k2 = bytes(range(50, 70)), bytes(range(70, 90))
+    new_a = params(A, B, 0x3003, 0x4004, k1, k2)
+    new_b = params(B, A, 0x4004, 0x3003, k2, k1)
+    await a.add_child_sa(new_a, outbound=False)  # the peer (B) does not have it yet
+    a.outbound(udp(A, B), clock())
+    assert wire[-1][1][:4] == struct.pack("!I", p_old[0].spi_out)
+    await b.add_child_sa(new_b)
+    b.outbound(udp(B, A, b"on the new pair"), clock())  # the new pair receives at once
+    assert wire[-1][1][:4] == struct.pack("!I", 0x3003)
+    assert a._tun.written[-1] == udp(B, A, b"on the new pair")
+    await a.add_outbound(new_a)
+    a.outbound(udp(A, B), clock())
+    assert wire[-1][1][:4] == struct.pack("!I", 0x4004)
+    await a.del_child_sa(new_a)  # before or after add_outbound: nothing of it stays
+    await a.add_outbound(new_a)
+    a.outbound(udp(A, B), clock())
+    assert wire[-1][1][:4] == struct.pack("!I", p_old[0].spi_out)
+
+
 async def test_lifetime_events_reach_the_queue(wired):
     clock, a, b, _ = wired
     pa, pb = sa_pair(lifetime_soft_packets=1, lifetime_soft_s=5, lifetime_hard_s=10)

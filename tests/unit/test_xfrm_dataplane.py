@@ -311,6 +311,28 @@ async def test_rekey_keeps_reqid_and_old_delete_keeps_new_policies(dp):
     assert await dp.xfrm.sas() == [] and await dp.xfrm.policies() == []
 
 
+async def test_a_rekey_we_answered_gets_its_outbound_sa_only_on_add_outbound(dp):
+    """The kernel sends on the newest outbound SA of a reqid, and a rekey keeps the reqid:
+    the new outbound SA must not exist before the peer can read it."""
+    old = params(dp)
+    await dp.add_child_sa(old)
+    new = params(dp, reqid=0, spi_in=0x3001, spi_out=0x3002)
+    await dp.add_child_sa(new, outbound=False)
+    assert {s.spi for s in await dp.xfrm.sas()} == {0x2001, 0x2002, 0x3001}
+    await dp.add_outbound(new)
+    await dp.add_outbound(new)  # once only
+    assert {s.spi for s in await dp.xfrm.sas()} == {0x2001, 0x2002, 0x3001, 0x3002}
+    await dp.del_child_sa(old)
+    await dp.del_child_sa(new)
+    assert await dp.xfrm.sas() == [] and await dp.xfrm.policies() == []
+    # deleted before its outbound SA came: nothing to remove but what is there
+    await dp.add_child_sa(old)
+    await dp.add_child_sa(new, outbound=False)
+    await dp.del_child_sa(new)
+    assert {s.spi for s in await dp.xfrm.sas()} == {0x2001, 0x2002}
+    assert {p.templates[0].reqid for p in await dp.xfrm.policies()} == {old.reqid}
+
+
 async def test_adopt_keeps_own_sa_pairs_of_a_kept_stop():
     """keep_sas_on_stop: the next run adopts its SA pairs and their policies, still removes
     its other stale state, and hands out reqids above the adopted ones."""
