@@ -76,8 +76,9 @@ class IkeLinkAdapter:
         self.endpoint = IkeEndpoint(rng, self._responder_config)
         self._transport = transport
         self._announced: set[int] = set()
-        # remote -> [installs the core has not confirmed, datagrams held until it has]
-        self._gates: dict[IPAddress, list] = {}
+        # (remote, IKE SA's SPIi) -> [installs the core has not confirmed, datagrams of that
+        # IKE SA held until it has]
+        self._gates: dict[tuple[IPAddress, bytes], list] = {}
         self._socks: dict[tuple[IPAddress, int], socket.socket] = {}
         self._timer: asyncio.Task | None = None
         self._wake: asyncio.Event | None = None
@@ -171,9 +172,13 @@ class IkeLinkAdapter:
     def _pump(self) -> None:
         """Send what the engine wrote and post its events to the core.
 
-        A new Child SA closes its peer's gate: what goes to that peer (the IKE_AUTH response
-        that lets it send on the SA) waits until the core says the SA is installed. Otherwise
-        the peer's first ESP can arrive before our inbound SA exists, and is dropped.
+        A new Child SA closes its IKE SA's gate: what that IKE SA sends (the IKE_AUTH response
+        that lets the peer send on the SA) waits until the core says the SA is installed.
+        Otherwise the peer's first ESP can arrive before our inbound SA exists, and is dropped.
+        Only that IKE SA's datagrams wait (by SPIi, RFC 7296 §3.1): a loaded core may take
+        longer than the peer's retransmission budget, and holding everything to the peer
+        killed the other IKE SA of a crossing pair (its liveness answers and IKE_AUTH were
+        held too: ten hosts initiating at once in the vm tier, tests/vm/test_oe_mesh.py).
         Not for rekeys: installed at once, the new pair would carry our outbound traffic
         before the initiator (still waiting for our answer) can decrypt it; a kernel
         dataplane would need the outbound SA held back until the old pair's Delete (as
@@ -193,13 +198,14 @@ class IkeLinkAdapter:
                 log.debug("%s: %s from IKE SA %s (%s)", sa.remote, type(inp).__name__,
                           sa.spi_i.hex(), "ours" if sa.initiated else "theirs")
                 if isinstance(inp, ChildUp):
-                    gate = self._gates.setdefault(inp.remote, [0, []])
+                    key = (inp.remote, sa.spi_i)
+                    gate = self._gates.setdefault(key, [0, []])
                     gate[0] += 1
                     inp = dataclasses.replace(inp, installed=functools.partial(
-                        self._installed, inp.remote, gate))
+                        self._installed, key, gate))
                 inputs.append(inp)
         for dg in out:
-            gate = self._gates.get(dg.remote)
+            gate = self._gates.get((dg.remote, dg.data[:8])) if self._gates else None
             if gate is not None:
                 gate[1].append(dg)
             else:
@@ -209,20 +215,20 @@ class IkeLinkAdapter:
         if self._wake is not None:
             self._wake.set()
 
-    def _installed(self, remote: IPAddress, gate: list) -> None:
-        """The core acted on a ChildUp of `remote`: open its gate once the last is in."""
+    def _installed(self, key: tuple[IPAddress, bytes], gate: list) -> None:
+        """The core acted on a ChildUp of that IKE SA: open its gate once the last is in."""
         gate[0] -= 1
-        if gate[0] <= 0:
-            self._open_gate(remote, gate)
+        if gate[0] <= 0 and self._gates.get(key) is gate:
+            self._release(key)
 
-    def _open_gate(self, remote: IPAddress, gate: list | None = None) -> None:
-        """Send what waited at remote's gate (all of it: a Delete must not wait for installs
-        the core will never make, e.g. when it stops)."""
-        cur = self._gates.get(remote)
-        if cur is None or (gate is not None and cur is not gate):
-            return
-        del self._gates[remote]
-        for dg in cur[1]:
+    def _open_gate(self, remote: IPAddress) -> None:
+        """Send what waited at every gate of remote's IKE SAs (all of it: a Delete must not
+        wait for installs the core will never make, e.g. when it stops)."""
+        for key in [k for k in self._gates if k[0] == remote]:
+            self._release(key)
+
+    def _release(self, key: tuple[IPAddress, bytes]) -> None:
+        for dg in self._gates.pop(key)[1]:
             self._send(dg)
 
     def _log_keys(self, sa: IkeSa, e) -> None:
