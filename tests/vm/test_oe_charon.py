@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import needs
-from tests.vm.oe_lab import Agent, Sniffer, frames_from, pair_frames, probe, xfrm_states
-from tests.vm.peers_vm import C1, C2, D4, D6, peer_lab, until
+from tests.vm.oe_lab import Agent
+from tests.vm.peers_vm import (C1, C2, D4, D6, check_agent_side, peer_lab, peer_of,
+                               transport_esp_pair, until)
 
 NEGOTIATION = 120.0  # the agent's DNS lookup and RSA signature in a loaded TCG guest
 IKE = "aes256gcm16-prfsha256-x25519"
@@ -62,22 +63,11 @@ def trap_charons(request, tmp_path_factory, esp_kernel):
 
 def check(pl, charon, src_ag, src, dst, canary, initiator: bool):
     lab, d = pl.lab, pl.d
-    peer, agent = (dst, src) if src_ag is d else (src, dst)
+    peer, agent = peer_of(d, src_ag, src, dst)
     conn = "agent6" if ":" in peer else "agent"
-    sniff = Sniffer(lab.factory, [d.host])
-    try:
-        r = probe(src_ag, src, dst, canary, NEGOTIATION)
-    finally:
-        sniff.close()
-    why = (f"{lab.why(d, peer)}\n--- charon SAs:\n{charon.list_sas()}\n"
-           f"--- charon log:\n{charon.tail(60)}")
-    assert r.first and r.steady_ok == r.steady, f"{r}\n{why}"
-    wire = pair_frames(sniff.frames(d.host), src, dst)
-    assert wire.esp(), f"no ESP between {src} and {dst}\n{why}"
-    assert not wire.plaintext((canary + ":s").encode()), f"steady traffic in clear\n{why}"
-    assert not frames_from(wire, agent).plaintext(canary.encode()), f"the agent leaked\n{why}"
-    sas = [s for s in lab.api(d, "/sas") if s["remote"] == peer]
-    assert len(sas) == 1, f"{sas}\n{why}"
+    check_agent_side(lab, d, src_ag, src, dst, canary, NEGOTIATION,
+                     lambda: f"--- charon SAs:\n{charon.list_sas()}\n"
+                             f"--- charon log:\n{charon.tail(60)}")
     dns = lab.explain(d, peer)["dns"]
     assert dns and dns["status"] == "secure-key", dns
     # charon: one IKE SA in the role we expect, its Child SA installed in transport mode, and
@@ -93,9 +83,7 @@ def check(pl, charon, src_ag, src, dst, canary, initiator: bool):
     assert (est[0].get("initiator") == "yes") == initiator, est[0]
     child = next(iter(est[0]["child-sas"].values()))
     assert child["mode"] == "TRANSPORT" and child["protocol"] == "ESP", child
-    esp = {(s.src, s.dst) for s in xfrm_states(charon.host)
-           if s.proto == "esp" and s.mode == "transport"}
-    assert {(peer, agent), (agent, peer)} <= esp, esp
+    transport_esp_pair(charon.host, peer, agent)
 
 
 @pytest.mark.parametrize("v6", [False, True], ids=["v4", "v6"])

@@ -15,8 +15,9 @@ import os
 import pytest
 
 from tests.conftest import needs
-from tests.vm.oe_lab import Agent, Sniffer, frames_from, pair_frames, probe, xfrm_states
-from tests.vm.peers_vm import D4, D6, P1, P2, UBSHIM, host_prefix, peer_lab, until
+from tests.vm.oe_lab import Agent
+from tests.vm.peers_vm import (D4, D6, P1, P2, UBSHIM, check_agent_side, peer_lab, peer_of,
+                               pluto_child_up, start_oe_pluto)
 
 NEGOTIATION = 120.0  # pluto's and the agent's DNS lookups and RSA work in a loaded TCG guest
 
@@ -46,21 +47,9 @@ def dns_plutos(request, tmp_path_factory, esp_kernel):
     started = []
     try:
         for p, addrs in zip(pl.plutos, (P1, P2)):
-            pol = p.dir / "ipsec.d" / "policies"
-            pol.mkdir(parents=True, exist_ok=True)
-            for name, (i, d_addr) in CONNS.items():
-                (pol / name).write_text(host_prefix(d_addr) + "\n")
-                p.add_conn(name, oe_conn(addrs[i], p.rsasigkey))
-            p.start(timeout=60)
             started.append(p)
-            # start() re-adds each conn by name, which leaves the OE groups unloaded: load the
-            # policy group files and route them (trap policies for D's addresses)
-            p.whack("--listen", check=False)
-            for name in CONNS:
-                p.whack("--route", "--name", name, check=False)
-            for d_addr in (D4, D6):
-                until(lambda: d_addr in p.host.run("ip", "xfrm", "policy").stdout,
-                      f"pluto's trap policy for {d_addr}: {p.tail(20)}")
+            start_oe_pluto(p, {name: (oe_conn(addrs[i], p.rsasigkey), [d_addr])
+                               for name, (i, d_addr) in CONNS.items()}, [D4, D6])
             pl.lab.echo.serve(p.host, list(addrs))
         yield pl
     finally:
@@ -71,36 +60,19 @@ def dns_plutos(request, tmp_path_factory, esp_kernel):
 def check(pl, pluto, src_ag, src, dst, canary, role):
     """Probe src -> dst until the SA carries it; the wire, the agent and pluto must agree."""
     lab, d = pl.lab, pl.d
-    peer = dst if src_ag is d else src
-    sniff = Sniffer(lab.factory, [d.host])
-    try:
-        r = probe(src_ag, src, dst, canary, NEGOTIATION)
-    finally:
-        sniff.close()
-    why = (f"{lab.why(d, peer)}\n--- pluto states:\n{pluto.states()}\n"
-           f"--- pluto log:\n{pluto.tail(60)}")
-    assert r.first and r.steady_ok == r.steady, f"{r}\n{why}"
-    wire = pair_frames(sniff.frames(d.host), src, dst)
-    assert wire.esp(), f"no ESP between {src} and {dst}\n{why}"
-    assert not wire.plaintext((canary + ":s").encode()), f"steady traffic in clear\n{why}"
-    assert not frames_from(wire, src if src_ag is d else dst).plaintext(canary.encode()), \
-        f"the agent sent the canary in clear\n{why}"
-    sas = [s for s in lab.api(d, "/sas") if s["remote"] == peer]
-    assert len(sas) == 1, f"{sas}\n{why}"
+    peer, agent = peer_of(d, src_ag, src, dst)
+    sa, _ = check_agent_side(
+        lab, d, src_ag, src, dst, canary, NEGOTIATION,
+        lambda: f"--- pluto states:\n{pluto.states()}\n--- pluto log:\n{pluto.tail(60)}")
     # authenticated by keys from DNS on the agent's side: not AUTH_NULL, the peer's key secure
-    assert "null" not in sas[0]["auth"].lower() and "unauth" not in sas[0]["auth"].lower(), sas
+    assert "null" not in sa["auth"].lower() and "unauth" not in sa["auth"].lower(), sa
     dns = lab.explain(d, peer)["dns"]
     assert dns and dns["status"] == "secure-key" and dns["keys"] >= 1, dns
     # pluto authenticated the agent with the key it fetched (%dnsondemand is its only source)
     # and installed the Child SA in its kernel
     pluto.wait_log(rf"{role} established IKE SA; authenticated peer .*RSA", 30)
-    until(lambda: "IPsec SA established" in pluto.states()
-          or "established Child SA" in pluto.states(), f"pluto's Child SA with {peer}\n{why}")
-    me, agent = (src, dst) if src_ag is not d else (dst, src)
-    esp = {(s.src, s.dst) for s in xfrm_states(pluto.host)
-           if s.proto == "esp" and s.mode == "transport"}
-    assert {(me, agent), (agent, me)} <= esp, f"pluto's kernel ESP states: {esp}"
-    return sas[0]
+    pluto_child_up(pluto, peer, agent)
+    return sa
 
 
 @pytest.mark.parametrize("v6", [False, True], ids=["v4", "v6"])
