@@ -102,30 +102,24 @@ def check(lab, agent, pluto, src_ag, src, dst, canary):
         nd_outside_ipsec(agent.host, [pluto_addr])
 
 
-FAMILY = pytest.mark.parametrize("v6", [False, True], ids=["v4", "v6"])
+# case -> (the agent: D anonymous or K keyed, whether pluto initiates (P1) or the agent (to P2),
+# the canary)
+CASES = {
+    "pluto-to-anonymous": ("d", True, "CNRYPLUTOINIT"),
+    "anonymous-to-pluto": ("d", False, "CNRYAGENTINIT"),
+    "pluto-to-keyed": ("k", True, "CNRYPLUTOKEYED"),
+    "keyed-to-pluto": ("k", False, "CNRYKEYEDINIT"),
+}
 
 
-@FAMILY
-def test_pluto_initiates_auth_null_oe(oe_pluto, v6):
-    lab, d, (p1, _), _ = oe_pluto
-    check(lab, d, p1, Agent(p1.host, "pluto", False), P1[v6], D[v6],
-          f"CNRYPLUTOINIT{6 if v6 else 4}")
-
-
-@FAMILY
-def test_agent_initiates_auth_null_oe(oe_pluto, v6):
-    lab, d, (_, p2), _ = oe_pluto
-    check(lab, d, p2, d, D[v6], P2[v6], f"CNRYAGENTINIT{6 if v6 else 4}")
-
-
-@FAMILY
-def test_pluto_initiates_to_a_keyed_auth_null_agent(oe_pluto, v6):
-    lab, _, (p1, _), k = oe_pluto
-    check(lab, k, p1, Agent(p1.host, "pluto", False), P1[v6], K[v6],
-          f"CNRYPLUTOKEYED{6 if v6 else 4}")
-
-
-@FAMILY
-def test_keyed_auth_null_agent_initiates(oe_pluto, v6):
-    lab, _, (_, p2), k = oe_pluto
-    check(lab, k, p2, k, K[v6], P2[v6], f"CNRYKEYEDINIT{6 if v6 else 4}")
+@pytest.mark.parametrize("v6", [False, True], ids=["v4", "v6"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_auth_null_oe(oe_pluto, case, v6):
+    lab, d, (p1, p2), k = oe_pluto
+    which, pluto_starts, canary = CASES[case]
+    agent, addrs = (d, D) if which == "d" else (k, K)
+    canary += "6" if v6 else "4"
+    if pluto_starts:
+        check(lab, agent, p1, Agent(p1.host, "pluto", False), P1[v6], addrs[v6], canary)
+    else:
+        check(lab, agent, p2, agent, addrs[v6], P2[v6], canary)
