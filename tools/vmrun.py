@@ -494,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
                     "docstring. Exit: CMD's status, 124 timeout, 125 harness failure.")
     p.add_argument("--timeout", type=float, default=float(os.environ.get("VMRUN_TIMEOUT", 900)),
                    help="seconds for the whole run, boot included (default 900, $VMRUN_TIMEOUT)")
-    p.add_argument("--mem", default=os.environ.get("VMRUN_MEM", "1G"))
+    p.add_argument("--mem", default=os.environ.get("VMRUN_MEM", "2G"))
     p.add_argument("--cpus", type=int, default=int(os.environ.get("VMRUN_CPUS", 2)))
     p.add_argument("--accel", default="tcg",
                    help="tcg (default: /dev/kvm here is a nested device a stock guest crawls on)")
