@@ -179,10 +179,9 @@ class IkeLinkAdapter:
         longer than the peer's retransmission budget, and holding everything to the peer
         killed the other IKE SA of a crossing pair (its liveness answers and IKE_AUTH were
         held too: ten hosts initiating at once in the vm tier, tests/vm/test_oe_mesh.py).
-        Not for rekeys: installed at once, the new pair would carry our outbound traffic
-        before the initiator (still waiting for our answer) can decrypt it; a kernel
-        dataplane would need the outbound SA held back until the old pair's Delete (as
-        strongSwan does) to close both windows."""
+        A rekey we answer is gated the same way (the initiator sends on the new pair as soon
+        as it has our answer); the core installs it without its outbound SA until the
+        initiator deletes the old pair, so we never send on it before the peer can read it."""
         now = self.clock()
         out = self.endpoint.datagrams_to_send(now)
         inputs = []
@@ -197,7 +196,8 @@ class IkeLinkAdapter:
             for inp in self._translate(sa, e):
                 log.debug("%s: %s from IKE SA %s (%s)", sa.remote, type(inp).__name__,
                           sa.spi_i.hex(), "ours" if sa.initiated else "theirs")
-                if isinstance(inp, ChildUp):
+                if isinstance(inp, ChildUp) or (isinstance(inp, ChildRekeyed)
+                                                 and not inp.initiator):
                     key = (inp.remote, sa.spi_i)
                     gate = self._gates.setdefault(key, [0, []])
                     gate[0] += 1
@@ -250,7 +250,7 @@ class IkeLinkAdapter:
             return [ChildUp(r, e.params, ike_id=sa, auth=_AUTH.get(sa.peer_auth, "pubkey"),
                             initiator=e.initiator)]
         if isinstance(e, ev.ChildSaRekeyed):
-            return [ChildRekeyed(r, e.new, e.old.spi_in, ike_id=sa, initiator=sa.initiated)]
+            return [ChildRekeyed(r, e.new, e.old.spi_in, ike_id=sa, initiator=e.initiator)]
         if isinstance(e, ev.ChildSaDeleted):
             if e.reason == "rekey-collision":
                 return []  # the redundant SA of a collision never reached the core

@@ -595,8 +595,9 @@ class KernelDataplane:
 
     async def add_outbound(self, params: ChildSaParams) -> None:
         key = (_addr(params.local), _addr(params.remote), params.spi_in)
-        if key in self._no_out:
-            await self.xfrm.add_sa(self._specs(params)[1])
+        if key in self._no_out and key in self._sas:
+            # the pair as installed: its reqid (the caller's may be 0, "take one")
+            await self.xfrm.add_sa(self._specs(self._sas[key][0])[1])
             self._no_out.discard(key)
 
     def _template(self, params: ChildSaParams, d: str) -> Template:

@@ -296,21 +296,27 @@ async def test_rekey_through_the_engine_replaces_the_pair():
         await until(lambda: len(a.dp.sas) == 1 and old not in a.dp.sas and len(b.dp.sas) == 1
                     and set(a.dp.sas) != {old}, "rekeyed pair")
         await until(lambda: mirrored(a, b), "both sides on the new pair")
+        # B answered the rekey: its traffic moved to the new pair when A deleted the old one
+        (new_b,) = b.dp.sas.values()
+        assert [c for c in b.dp.calls if c[0] == "add_outbound"] == [("add_outbound", new_b.spi_in)]
+        assert b.dp.sending[(B, A)] == new_b.spi_out and a.dp.sending[(A, B)] == new_b.spi_in
+        assert not [c for c in a.dp.calls if c[0] == "add_outbound"]  # A's went in at once
     finally:
         await close(a, b, tasks)
 
 
 async def test_responder_answers_only_once_its_sa_is_installed():
     """The IKE_AUTH response lets the initiator send ESP at once: it leaves only after the
-    responder's dataplane holds the new SA. (Rekeys are not gated: see IkeLinkAdapter._pump.)"""
+    responder's dataplane holds the new SA; so does the answer to a rekey (CREATE_CHILD_SA)."""
     from oe_agent.ike.message import peek_header
+    from oe_agent.model import SaExpire
     a, b, tasks = await pair(POC, COP)
     order = []
     slow_add = b.dp.add_child_sa
 
-    async def add_child_sa(params):
+    async def add_child_sa(params, outbound=True):
         await asyncio.sleep(0.05)  # a dataplane that takes its time (nft, netlink)
-        await slow_add(params)
+        await slow_add(params, outbound)
         order.append(("installed", params.spi_in))
 
     b.dp.add_child_sa = add_child_sa
@@ -329,6 +335,10 @@ async def test_responder_answers_only_once_its_sa_is_installed():
         a.agent.post(Acquire(src=A, dst=B))
         await until(lambda: a.state(B) is PeerState.UP and b.state(A) is PeerState.UP, "SA up")
         assert [k for k, _ in order] == ["installed", "answered"], order
+        (old,) = a.dp.sas
+        a.agent.post(SaExpire(spi=old, dst=A, hard=False))  # A rekeys: B answers
+        await until(lambda: len(order) == 4, "the rekey answered")
+        assert order[2:] == [("installed", order[2][1]), ("answered", 36)], order
     finally:
         await close(a, b, tasks)
 

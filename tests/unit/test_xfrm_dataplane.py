@@ -322,6 +322,8 @@ async def test_a_rekey_we_answered_gets_its_outbound_sa_only_on_add_outbound(dp)
     await dp.add_outbound(new)
     await dp.add_outbound(new)  # once only
     assert {s.spi for s in await dp.xfrm.sas()} == {0x2001, 0x2002, 0x3001, 0x3002}
+    # on the pair's reqid, which its out policy's template names (the caller's says 0)
+    assert {s.reqid for s in await dp.xfrm.sas()} == {old.reqid}
     await dp.del_child_sa(old)
     await dp.del_child_sa(new)
     assert await dp.xfrm.sas() == [] and await dp.xfrm.policies() == []
