@@ -341,7 +341,9 @@ class Knot:
     def start(self) -> "Knot":
         self._write()
         self.proc = self.host.popen("knotd", "-c", str(self.conf), log="knotd.stdout")
-        deadline = time.monotonic() + 15
+        # a bound, not a timing claim: in a loaded TCG guest knot took ~14 s to sign the lab's
+        # zones before opening its socket (vm run, 2026-11-28), so 15 s was too tight
+        deadline = time.monotonic() + 90
         while not (self.dir / "run" / "knot.sock").exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("knotd did not start: "
