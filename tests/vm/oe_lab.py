@@ -160,6 +160,7 @@ class Probe:
     steady_ok: int = 0       # of `steady` datagrams after the first answer
     steady: int = 0
     refused: int = 0         # sendto() got EPERM: an XFRM block policy (drop shunt, block)
+    stalled: int = 0         # sendto() timed out: the socket's buffer full of held datagrams
 
 
 def probe(src: Agent, src_addr: str, dst_addr: str, canary: str, wait: float = 20.0,
@@ -181,6 +182,9 @@ def probe(src: Agent, src_addr: str, dst_addr: str, canary: str, wait: float = 2
             except PermissionError:  # the kernel drops it at a block policy: blocked here
                 res.refused += 1
                 time.sleep(0.5)
+                continue
+            except socket.timeout:  # held datagrams (a hold queue) still charge the socket
+                res.stalled += 1
                 continue
             try:
                 while True:
@@ -283,6 +287,47 @@ def pair_frames(frames: Frames, a: str, b: str) -> Frames:
     return Frames(out)
 
 
+IKE_PORTS = (500, 4500)
+IKE_EXCHANGES = {34: "IKE_SA_INIT", 35: "IKE_AUTH", 36: "CREATE_CHILD_SA", 37: "INFORMATIONAL"}
+
+
+@dataclass(frozen=True)
+class IkeMessage:
+    """The clear header of one IKE message on the wire (RFC 7296 §3.1)."""
+
+    src: str
+    dst: str
+    spi_i: bytes
+    spi_r: bytes
+    exchange: str
+    response: bool
+
+
+def ike_messages(frames: Frames) -> list[IkeMessage]:
+    """IKE messages among the frames: UDP 500, or 4500 behind the non-ESP marker (RFC 3948
+    §2.2); IPv4 and IPv6."""
+    out = []
+    for f in frames.frames:
+        ip = Frames.parse(f)
+        if ip is None or ip[1] != 17 or len(ip[2]) < 8 + 28:
+            continue
+        version, _, udp = ip
+        ports = (int.from_bytes(udp[0:2], "big"), int.from_bytes(udp[2:4], "big"))
+        if 500 in ports:
+            ike = udp[8:]
+        elif 4500 in ports and udp[8:12] == bytes(4) and len(udp) >= 12 + 28:
+            ike = udp[12:]
+        else:
+            continue
+        if version == 4:
+            src, dst = ipaddress.ip_address(f[26:30]), ipaddress.ip_address(f[30:34])
+        else:
+            src, dst = ipaddress.ip_address(f[22:38]), ipaddress.ip_address(f[38:54])
+        out.append(IkeMessage(str(src), str(dst), ike[0:8], ike[8:16],
+                              IKE_EXCHANGES.get(ike[18], str(ike[18])), bool(ike[19] & 0x20)))
+    return out
+
+
 @dataclass
 class XfrmSa:
     src: str
@@ -317,6 +362,7 @@ class OeLab:
     keys: dict = field(default_factory=dict)
     unpublished: set = field(default_factory=set)  # addresses left out of the zone
     sockdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="oe-ctl-")))
+    up_bound: float = 300.0  # start(): bound for each agent to answer (all start at once)
 
     def add(self, group: str | dict, published: bool = True, extra: str = "",
             v4s: list[str] = (), v6s: list[str] = (), hostkey: bool = True) -> Agent:
@@ -415,7 +461,7 @@ class OeLab:
         for ag in self.agents:
             self.launch(ag)
         for ag in self.agents:
-            self.wait_up(ag)
+            self.wait_up(ag, self.up_bound)
         self.echo = Echo()
         for ag in self.agents:
             self.echo.serve(ag.host, ag.v4s + ag.v6s)
