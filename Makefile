@@ -10,7 +10,7 @@ PYTEST := $(PY) -m pytest
 VM_PYTEST := $(PYTEST) -m vm -q -p no:cacheprovider -p no:hypothesispytest tests/vm
 VM_TIER := env -u PYTHONDONTWRITEBYTECODE $(PYTEST) --co -q -p no:cacheprovider \
   -p no:hypothesispytest tests/vm >/dev/null 2>&1; \
-  $(PY) tools/vmrun.py --timeout 2400 -- $(VM_PYTEST)
+  $(PY) tools/vmrun.py --timeout 3000 -- $(VM_PYTEST)
 
 .PHONY: test demo deps venv test-unit test-netns test-interop test-vm clean
 
