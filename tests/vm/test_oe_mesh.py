@@ -40,7 +40,11 @@ PAIRS = N * (N - 1) // 2
 LIVENESS = 10  # s: every established IKE SA shows itself on the wire this often when quiet
 # Bound for one pair's first answer: 90 negotiations (45 crossing pairs) at once in TCG.
 WAIT = 240.0
-MESH_CONFIG = f"[ike]\nliveness = {LIVENESS}\n"
+# The lab's 5 s DNS timeout is too short here: 90 lookups at once through ten validating
+# unbounds while ten python daemons hold the guest's two TCG CPUs; one answer came after 7.7 s
+# and its private-or-clear pair fell to the DNS-timeout pass shunt (clear), as designed. The
+# IKE responder waits for the key, so this stays well under the peer's 31 s retransmissions.
+MESH_CONFIG = f"[ike]\nliveness = {LIVENESS}\n[dns]\ntimeout = 20.0\n"
 
 
 def meminfo() -> dict[str, int]:
@@ -265,11 +269,12 @@ def test_ten_hosts_make_45_sa_pairs_no_duplicates(mesh, storm):
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "kernel dataplane hold: the datagrams that hit the /24 group trap before the per-pair hold "
-    "shunt exists wait on that ONE policy's larval queue, shared by every destination; when "
-    "the first destination's SA is up the kernel flushes the whole queue and drops the "
-    "datagrams of destinations whose SA is not up yet (xfrm_policy_queue_process looks them "
-    "up without XFRM_LOOKUP_QUEUE: -EAGAIN, freed)"))
+    "kernel dataplane hold under a storm: most first datagrams are lost (68 of 90 in one run, "
+    "e.g. none of #0-#49 arrived, #50 did), while the one-peer hold case passes "
+    "(test_oe_lifecycle). Likely cause: until the agent sets a peer's hold shunt, datagrams wait "
+    "on the /24 trap's ONE larval queue, shared by every destination; once the first "
+    "destination's SA is up the kernel flushes that queue and frees the datagrams of the "
+    "others (xfrm_policy_queue_process looks them up without XFRM_LOOKUP_QUEUE: -EAGAIN)"))
 def test_first_datagram_of_every_pair_arrives(mesh, storm):
     """Hold (issue 5 acceptance 3) under the storm: the first datagram of each ordered pair
     reaches the echo server."""
