@@ -541,6 +541,13 @@ class Agent:
                 # another pair carries the traffic: packets already in flight on this one (the
                 # tie-break's loser, a restarted peer's old pair) still decrypt for a moment
                 self._forget_child(p, c)
+                # ...but nothing more is sent on it: the kernel sends on the newest outbound
+                # SA of a host pair, and the peer may delete this pair before we do
+                sending = {n.spi_in for n in p.retiring.values() if n is not None}
+                if any(o.spi_in not in sending for o in p.children.values()):
+                    stop = getattr(self.dataplane, "del_outbound", None)
+                    if stop is not None:
+                        await stop(c)
                 seq = next(self._seq)
                 self._doomed[seq] = c
                 heapq.heappush(self._timers, (self.clock() + GRACE_S, seq, "del", p.remote))

@@ -587,6 +587,16 @@ class UserspaceDataplane:
                 lst.remove(sa)
                 lst.append(sa)
 
+    async def del_outbound(self, params: ChildSaParams) -> None:
+        """Stop sending on a pair that is going; it still receives until del_child_sa."""
+        sa = self._sa_in.get(params.spi_in)
+        if sa is None:
+            return
+        for ts in sa.ts_remote:
+            lst = self._sa_host.get(ts.start.packed, []) if ts.start == ts.end else self._sa_nets
+            if sa in lst:
+                lst.remove(sa)
+
     async def del_child_sa(self, params: ChildSaParams) -> None:
         sa = self._sa_in.get(params.spi_in)
         if sa is not None:
@@ -635,8 +645,9 @@ class UserspaceDataplane:
                     lst.remove(sa)
                 if not lst:
                     self._sa_host.pop(ts.start.packed, None)
-            elif sa in self._sa_nets:
-                self._sa_nets.remove(sa)
+            else:  # counted once per wide network while installed, sending or not
+                if sa in self._sa_nets:
+                    self._sa_nets.remove(sa)
                 self._wide_sa_nets -= 1
             self._sa_routes[net] -= 1
             if self._sa_routes[net] <= 0:

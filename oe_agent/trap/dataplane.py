@@ -600,6 +600,14 @@ class KernelDataplane:
             await self.xfrm.add_sa(self._specs(self._sas[key][0])[1])
             self._no_out.discard(key)
 
+    async def del_outbound(self, params: ChildSaParams) -> None:
+        """Stop sending on a pair that is going (its inbound SA stays for what is in flight):
+        the kernel then sends on the other pair of the same reqid."""
+        key = (_addr(params.local), _addr(params.remote), params.spi_in)
+        if key in self._sas and key not in self._no_out:
+            await self.xfrm.del_sa(key[1], params.spi_out)
+            self._no_out.add(key)
+
     def _template(self, params: ChildSaParams, d: str) -> Template:
         local, remote = _addr(params.local), _addr(params.remote)
         src, dst = (local, remote) if d == "out" else (remote, local)

@@ -378,6 +378,8 @@ async def test_crossing_initiations_loser_deleted_keeps_winner():
     await agent.handle(ChildGone(POC, 0x100, reason="ike-deleted", ike_id=1))
     await agent.handle(ChildGone(POC, None, reason="superseded", ike_id=1))
     assert set(agent.peers[POC].children) == {0x200} and agent.peers[POC].state is PeerState.UP
+    # the loser still decrypts for GRACE_S, but sends nothing more (the peer may drop it first)
+    assert dp.calls.count(("del_outbound", 0x100)) == 1 and 0x100 in dp.sas
     clock.t += 5
     await agent.on_timers(clock())
     assert set(dp.sas) == {0x200}

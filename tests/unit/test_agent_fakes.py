@@ -72,6 +72,9 @@ class FakeDataplane:
         if outbound:
             self.sending[(params.local, params.remote)] = params.spi_out
 
+    async def del_outbound(self, params):
+        self.calls.append(("del_outbound", params.spi_in))
+
     async def add_outbound(self, params):
         self.calls.append(("add_outbound", params.spi_in))
         self.sending[(params.local, params.remote)] = params.spi_out

@@ -301,6 +301,24 @@ async def test_a_rekey_we_answered_sends_on_the_old_pair_until_add_outbound(wire
     assert wire[-1][1][:4] == struct.pack("!I", p_old[0].spi_out)
 
 
+async def test_a_going_pair_stops_sending_and_still_receives(wired):
+    clock, a, b, wire = wired
+    p_old = sa_pair()
+    await a.add_child_sa(p_old[0])
+    await b.add_child_sa(p_old[1])
+    k1, k2 = bytes(range(50, 70)), bytes(range(70, 90))
+    await a.add_child_sa(params(A, B, 0x3003, 0x4004, k1, k2))
+    await b.add_child_sa(params(B, A, 0x4004, 0x3003, k2, k1))
+    await a.del_outbound(params(A, B, 0x3003, 0x4004, k1, k2))  # the newer pair is going
+    a.outbound(udp(A, B), clock())
+    assert wire[-1][1][:4] == struct.pack("!I", p_old[0].spi_out)
+    b.outbound(udp(B, A, b"late on the going pair"), clock())
+    assert a._tun.written[-1] == udp(B, A, b"late on the going pair")
+    await a.del_child_sa(params(A, B, 0x3003, 0x4004, k1, k2))
+    await a.del_child_sa(p_old[0])
+    assert a._routes == {} and a._wide_sa_nets == 0
+
+
 async def test_lifetime_events_reach_the_queue(wired):
     clock, a, b, _ = wired
     pa, pb = sa_pair(lifetime_soft_packets=1, lifetime_soft_s=5, lifetime_hard_s=10)

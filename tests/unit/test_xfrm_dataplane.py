@@ -335,6 +335,19 @@ async def test_a_rekey_we_answered_gets_its_outbound_sa_only_on_add_outbound(dp)
     assert {p.templates[0].reqid for p in await dp.xfrm.policies()} == {old.reqid}
 
 
+async def test_a_going_pair_stops_sending_and_still_receives(dp):
+    first = params(dp)
+    await dp.add_child_sa(first)
+    second = params(dp, reqid=0, spi_in=0x3001, spi_out=0x3002)  # a crossing's other pair
+    await dp.add_child_sa(second)
+    await dp.del_outbound(second)
+    await dp.del_outbound(second)  # once only
+    assert {s.spi for s in await dp.xfrm.sas()} == {0x2001, 0x2002, 0x3001}
+    await dp.del_child_sa(second)
+    assert {s.spi for s in await dp.xfrm.sas()} == {0x2001, 0x2002}
+    assert {p.templates[0].reqid for p in await dp.xfrm.policies()} == {first.reqid}
+
+
 async def test_adopt_keeps_own_sa_pairs_of_a_kept_stop():
     """keep_sas_on_stop: the next run adopts its SA pairs and their policies, still removes
     its other stale state, and hands out reqids above the adopted ones."""
