@@ -578,17 +578,14 @@ class UserspaceDataplane:
         await self._commit()
 
     async def add_outbound(self, params: ChildSaParams) -> None:
-        sa = self._sa_in.get(params.spi_in)
-        if sa is None:
-            return
-        for ts in sa.ts_remote:
-            lst = self._sa_host.get(ts.start.packed, []) if ts.start == ts.end else self._sa_nets
-            if sa in lst:
-                lst.remove(sa)
-                lst.append(sa)
+        self._send_on(params, True)
 
     async def del_outbound(self, params: ChildSaParams) -> None:
         """Stop sending on a pair that is going; it still receives until del_child_sa."""
+        self._send_on(params, False)
+
+    def _send_on(self, params: ChildSaParams, newest: bool) -> None:
+        """Take the SA out of the lists sending picks from; newest: back in, at the end."""
         sa = self._sa_in.get(params.spi_in)
         if sa is None:
             return
@@ -596,6 +593,8 @@ class UserspaceDataplane:
             lst = self._sa_host.get(ts.start.packed, []) if ts.start == ts.end else self._sa_nets
             if sa in lst:
                 lst.remove(sa)
+                if newest:
+                    lst.append(sa)
 
     async def del_child_sa(self, params: ChildSaParams) -> None:
         sa = self._sa_in.get(params.spi_in)
