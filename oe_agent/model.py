@@ -182,6 +182,10 @@ class Dataplane(Protocol):
     async def add_outbound(self, params: ChildSaParams) -> None:
         """The outbound SA of a pair added with outbound=False: our traffic moves to it."""
 
+    async def del_outbound(self, params: ChildSaParams) -> None:
+        """Stop sending on a pair that is going (another carries the traffic); it still
+        receives until del_child_sa."""
+
     async def del_child_sa(self, params: ChildSaParams) -> None: ...
 
     async def counters(self) -> list[SaCounters]: ...

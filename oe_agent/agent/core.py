@@ -545,9 +545,7 @@ class Agent:
                 # SA of a host pair, and the peer may delete this pair before we do
                 sending = {n.spi_in for n in p.retiring.values() if n is not None}
                 if any(o.spi_in not in sending for o in p.children.values()):
-                    stop = getattr(self.dataplane, "del_outbound", None)
-                    if stop is not None:
-                        await stop(c)
+                    await self.dataplane.del_outbound(c)
                 seq = next(self._seq)
                 self._doomed[seq] = c
                 heapq.heappush(self._timers, (self.clock() + GRACE_S, seq, "del", p.remote))

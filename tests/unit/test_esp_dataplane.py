@@ -259,14 +259,18 @@ async def test_too_big_ipv6_packet_too_big(wired):
     assert len(icmp) <= 1280
 
 
-async def test_rekey_new_sa_carries_traffic_old_still_received(wired):
-    clock, a, b, wire = wired
+async def old_and_new(a, b):
+    """The old pair installed on both sides, and the params of a newer pair (not installed)."""
     p_old = sa_pair()
     await a.add_child_sa(p_old[0])
     await b.add_child_sa(p_old[1])
     k1, k2 = bytes(range(50, 70)), bytes(range(70, 90))
-    new_a = params(A, B, 0x3003, 0x4004, k1, k2)
-    new_b = params(B, A, 0x4004, 0x3003, k2, k1)
+    return p_old, params(A, B, 0x3003, 0x4004, k1, k2), params(B, A, 0x4004, 0x3003, k2, k1)
+
+
+async def test_rekey_new_sa_carries_traffic_old_still_received(wired):
+    clock, a, b, wire = wired
+    p_old, new_a, new_b = await old_and_new(a, b)
     await b.add_child_sa(new_b)
     await a.add_child_sa(new_a)
     a.outbound(udp(A, B), clock())
@@ -279,12 +283,7 @@ async def test_rekey_new_sa_carries_traffic_old_still_received(wired):
 
 async def test_a_rekey_we_answered_sends_on_the_old_pair_until_add_outbound(wired):
     clock, a, b, wire = wired
-    p_old = sa_pair()
-    await a.add_child_sa(p_old[0])
-    await b.add_child_sa(p_old[1])
-    k1, k2 = bytes(range(50, 70)), bytes(range(70, 90))
-    new_a = params(A, B, 0x3003, 0x4004, k1, k2)
-    new_b = params(B, A, 0x4004, 0x3003, k2, k1)
+    p_old, new_a, new_b = await old_and_new(a, b)
     await a.add_child_sa(new_a, outbound=False)  # the peer (B) does not have it yet
     a.outbound(udp(A, B), clock())
     assert wire[-1][1][:4] == struct.pack("!I", p_old[0].spi_out)
@@ -303,18 +302,15 @@ async def test_a_rekey_we_answered_sends_on_the_old_pair_until_add_outbound(wire
 
 async def test_a_going_pair_stops_sending_and_still_receives(wired):
     clock, a, b, wire = wired
-    p_old = sa_pair()
-    await a.add_child_sa(p_old[0])
-    await b.add_child_sa(p_old[1])
-    k1, k2 = bytes(range(50, 70)), bytes(range(70, 90))
-    await a.add_child_sa(params(A, B, 0x3003, 0x4004, k1, k2))
-    await b.add_child_sa(params(B, A, 0x4004, 0x3003, k2, k1))
-    await a.del_outbound(params(A, B, 0x3003, 0x4004, k1, k2))  # the newer pair is going
+    p_old, new_a, new_b = await old_and_new(a, b)
+    await a.add_child_sa(new_a)
+    await b.add_child_sa(new_b)
+    await a.del_outbound(new_a)  # the newer pair is going
     a.outbound(udp(A, B), clock())
     assert wire[-1][1][:4] == struct.pack("!I", p_old[0].spi_out)
     b.outbound(udp(B, A, b"late on the going pair"), clock())
     assert a._tun.written[-1] == udp(B, A, b"late on the going pair")
-    await a.del_child_sa(params(A, B, 0x3003, 0x4004, k1, k2))
+    await a.del_child_sa(new_a)
     await a.del_child_sa(p_old[0])
     assert a._routes == {} and a._wide_sa_nets == 0
 
