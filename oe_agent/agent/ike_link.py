@@ -181,7 +181,9 @@ class IkeLinkAdapter:
         held too: ten hosts initiating at once in the vm tier, tests/vm/test_oe_mesh.py).
         A rekey we answer is gated the same way (the initiator sends on the new pair as soon
         as it has our answer); the core installs it without its outbound SA until the
-        initiator deletes the old pair, so we never send on it before the peer can read it."""
+        initiator deletes the old pair, so we never send on it before the peer can read it.
+        A rekey we started is gated too: its Delete of the old pair moves the peer's traffic
+        to the new one, so it leaves only once our inbound SA of the new pair is in."""
         now = self.clock()
         out = self.endpoint.datagrams_to_send(now)
         inputs = []
@@ -196,8 +198,7 @@ class IkeLinkAdapter:
             for inp in self._translate(sa, e):
                 log.debug("%s: %s from IKE SA %s (%s)", sa.remote, type(inp).__name__,
                           sa.spi_i.hex(), "ours" if sa.initiated else "theirs")
-                if isinstance(inp, ChildUp) or (isinstance(inp, ChildRekeyed)
-                                                 and not inp.initiator):
+                if isinstance(inp, (ChildUp, ChildRekeyed)):
                     key = (inp.remote, sa.spi_i)
                     gate = self._gates.setdefault(key, [0, []])
                     gate[0] += 1
@@ -216,7 +217,7 @@ class IkeLinkAdapter:
             self._wake.set()
 
     def _installed(self, key: tuple[IPAddress, bytes], gate: list) -> None:
-        """The core acted on a ChildUp of that IKE SA: open its gate once the last is in."""
+        """The core acted on a ChildUp or ChildRekeyed of that IKE SA: open its gate once the last is in."""
         gate[0] -= 1
         if gate[0] <= 0 and self._gates.get(key) is gate:
             self._release(key)

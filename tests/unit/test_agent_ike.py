@@ -343,6 +343,50 @@ async def test_responder_answers_only_once_its_sa_is_installed():
         await close(a, b, tasks)
 
 
+async def test_rekey_initiator_deletes_the_old_pair_only_once_the_new_is_in():
+    """The Delete of the rekeyed pair moves the peer's traffic to the new one (RFC 7296 §2.8):
+    it left before the initiator's core had installed the new pair, and the peer's first
+    datagram on it could be dropped (the vm rekey test lost one of 4330 back to back)."""
+    from oe_agent.ike.message import peek_header
+    from oe_agent.model import SaExpire
+    a, b, tasks = await pair(POC, COP)
+    order = []
+    slow_add = a.dp.add_child_sa
+
+    async def add_child_sa(params, outbound=True):
+        await asyncio.sleep(0.05)  # a dataplane that takes its time (nft, netlink)
+        await slow_add(params, outbound)
+        order.append(("installed", params.spi_in))
+
+    a.dp.add_child_sa = add_child_sa
+    to_b = a.link._transport
+
+    def send(dg):
+        h = peek_header(dg.data)
+        if not h.response and h.exchange == 37:  # INFORMATIONAL request: the Delete
+            order.append(("informational", None))
+        to_b(dg)
+
+    a.link._transport = send
+    try:
+        a.publish(b)
+        b.publish(a)
+        a.agent.post(Acquire(src=A, dst=B))
+        await until(lambda: a.state(B) is PeerState.UP and b.state(A) is PeerState.UP
+                    and len(a.dp.sas) == 1, "SA up")
+        (old,) = a.dp.sas
+        order.clear()
+        a.agent.post(SaExpire(spi=old, dst=A, hard=False))  # A rekeys, then deletes old
+        await until(lambda: ("informational", None) in order, "the old pair's Delete")
+        assert order[0][0] == "installed" and order[0][1] != old, order
+        await until(lambda: len(a.dp.sas) == 1 and old not in a.dp.sas and len(b.dp.sas) == 1,
+                    "the old pair gone")
+        assert mirrored(a, b), "both sides on the new pair"
+        assert not a.link._gates, "A's gate open once its install is in"
+    finally:
+        await close(a, b, tasks)
+
+
 async def test_stop_deletes_the_peer_sas_too():
     a, b, tasks = await pair(POC, COP)
     try:
