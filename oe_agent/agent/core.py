@@ -166,6 +166,8 @@ class Peer:
     # rekeyed pairs still installed (old spi_in) -> their successor while it waits for our
     # outbound traffic (a rekey the peer started), else None
     retiring: dict[int, ChildSaParams | None] = field(default_factory=dict)
+    # pairs whose rekey we asked for: the in and the out SA of a pair both soft-expire
+    rekey_asked: set[int] = field(default_factory=set)
     auth: str = ""              # how the SA's peer was authenticated, in words
     up_since: float = 0.0
     last_bytes: int = -1
@@ -844,8 +846,9 @@ class Agent:
         p.history.append((self.clock(), "the peer's negotiation failed; nothing installed"))
 
     async def _do_rekey(self, p: Peer, child: ChildSaParams, prev):
-        if child.spi_in in p.retiring:
-            return  # rekeyed already: it goes when its Delete ends
+        if child.spi_in in p.retiring or child.spi_in in p.rekey_asked:
+            return  # rekeyed already (it goes when its Delete ends), or being rekeyed
+        p.rekey_asked.add(child.spi_in)
         p.history.append((self.clock(), f"soft expire of {child.spi_in:08x}: rekeying"))
         if self.ike:
             self.ike.rekey_child(p.remote, child.spi_in)
@@ -902,6 +905,7 @@ class Agent:
 
     def _forget_child(self, p: Peer, c: ChildSaParams) -> None:
         p.retiring.pop(c.spi_in, None)
+        p.rekey_asked.discard(c.spi_in)
         for old, new in list(p.retiring.items()):
             if new is not None and new.spi_in == c.spi_in:
                 p.retiring[old] = None  # its successor went before taking our traffic

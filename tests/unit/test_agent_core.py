@@ -309,6 +309,9 @@ async def test_rekey_on_soft_expire_then_replace():
     await up(agent, POC)
     await agent.handle(SaExpire(spi=0x100, dst=LOCAL, hard=False))
     assert ike.of("rekey") == [("rekey", POC, 0x100)]
+    await agent.handle(SaExpire(spi=0x101, dst=POC, hard=False))  # the out SA's, same pair
+    assert len(ike.of("rekey")) == 1  # being rekeyed: asked once, logged once
+    assert sum("rekeying" in e for _, e in agent.peers[POC].history) == 1
     await agent.handle(ChildRekeyed(POC, child(POC, 0x300, 0x301), old_spi_in=0x100))
     assert set(dp.sas) == {0x100, 0x300} and dp.sending[(LOCAL, POC)] == 0x301
     await agent.handle(SaExpire(spi=0x100, dst=LOCAL, hard=False))  # its soft expire again
