@@ -448,6 +448,12 @@ class Agent:
                 what = p.group.group if p.group else "no group"
                 p.history.append((self.clock(), f"acquire ignored: {what} does not initiate"))
                 return
+        if p.state is PeerState.UP:
+            # shown by `explain`: an admin looking for held traffic needs to see it
+            self.metrics["acquires_while_up"] += 1
+            why = (f"our SA pair is from {p.local}: one pair per peer" if acq.src != p.local
+                   else "raised before the pair was in, or the kernel lost its outbound SA")
+            p.history.append((self.clock(), f"acquire {acq.src} -> {acq.dst} while up ignored ({why})"))
         await self._input(p, PeerInput.ACQUIRE, acq)
 
     async def _on_sa_expire(self, ev: SaExpire) -> None:

@@ -302,6 +302,22 @@ async def up(agent, dst, spi=0x100):
     assert agent.peers[dst].state is PeerState.UP
 
 
+async def test_acquire_while_up_is_ignored_and_shown():
+    """An ACQUIRE for a peer with an SA pair starts nothing (one pair per peer), but `explain`
+    and /metrics show it: it means held traffic (another local address, a lost outbound SA)."""
+    agent, dp, ike, res, clock, _ = await started(answers={rev(POC): Answer("secure-key", (a_key(),))})
+    await up(agent, POC)
+    await acquire(agent, POC)
+    await acquire(agent, POC, src=ipaddress.ip_address("192.0.2.99"))
+    p = agent.peers[POC]
+    assert p.state is PeerState.UP and len(ike.of("initiate")) == 1 and not dp.shunts
+    events = [e for _, e in p.history if "while up" in e]
+    assert len(events) == 2 and "lost its outbound SA" in events[0], events
+    assert f"our SA pair is from {LOCAL}" in events[1], events
+    assert agent.metrics["acquires_while_up"] == 2
+    assert 'oe_agent_events_total{kind="acquires_while_up"} 2' in agent.metrics_text(clock())
+
+
 async def test_rekey_on_soft_expire_then_replace():
     """Our rekey: the new pair sends at once; the old one still decrypts until its Delete
     exchange ends, and GRACE_S after that (what the peer sent on it meanwhile)."""
