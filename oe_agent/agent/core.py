@@ -168,6 +168,8 @@ class Peer:
     retiring: dict[int, ChildSaParams | None] = field(default_factory=dict)
     # pairs whose rekey we asked for: the in and the out SA of a pair both soft-expire
     rekey_asked: set[int] = field(default_factory=set)
+    # our other local addresses with an IKE SA of their own to this peer -> that IKE SA
+    extra_locals: dict = field(default_factory=dict)
     auth: str = ""              # how the SA's peer was authenticated, in words
     up_since: float = 0.0
     last_bytes: int = -1
@@ -448,12 +450,6 @@ class Agent:
                 what = p.group.group if p.group else "no group"
                 p.history.append((self.clock(), f"acquire ignored: {what} does not initiate"))
                 return
-        if p.state is PeerState.UP:
-            # shown by `explain`: an admin looking for held traffic needs to see it
-            self.metrics["acquires_while_up"] += 1
-            why = (f"our SA pair is from {p.local}: one pair per peer" if acq.src != p.local
-                   else "raised before the pair was in, or the kernel lost its outbound SA")
-            p.history.append((self.clock(), f"acquire {acq.src} -> {acq.dst} while up ignored ({why})"))
         await self._input(p, PeerInput.ACQUIRE, acq)
 
     async def _on_sa_expire(self, ev: SaExpire) -> None:
@@ -749,20 +745,46 @@ class Agent:
             self._initiating.add(remote)
             await self._start_ike(p)
 
-    async def _start_ike(self, p: Peer) -> None:
+    async def _start_ike(self, p: Peer, local: IPAddress | None = None) -> Any:
         pc = p.static
         mode = pc.mode if pc else Mode.TRANSPORT
-        if pc is None:
+        if pc is None and (local is None or p.answer is None):
             p.answer = None  # IKE_AUTH waits for this lookup's answer, not an older one
             self._lookup(p)  # in parallel with IKE_SA_INIT, not before it (product.md §1.3)
         if self.ike is None:
-            return
+            return None
+        local = local or p.local
         ike_id = self.ike.initiate(
-            p.local, p.remote, mode=mode,
+            local, p.remote, mode=mode,
             auth_null=(pc.auth == "null") if pc else self._auth_null_ok(p),
-            ts_local=(TrafficSelector.host(p.local),), ts_remote=(TrafficSelector.host(p.remote),),
+            ts_local=(TrafficSelector.host(local),), ts_remote=(TrafficSelector.host(p.remote),),
             psk=pc.psk.encode() if pc and pc.auth == "psk" else None)
         p.negotiations.add(ike_id)
+        return ike_id
+
+    async def _do_extend(self, p: Peer, acq: Acquire, prev):
+        """Our SA pairs are per host pair (transport mode: the SA's addresses are the
+        packets'), so traffic from another of our addresses to a peer that is up (a second
+        address, an IPv6 temporary one) gets an IKE SA of its own; the engine keeps IKE SAs
+        of different local addresses apart. An ACQUIRE from an address that has its pair
+        starts nothing: it was raised before the pair was in, or the kernel lost the pair's
+        outbound SA; `explain` and /metrics show it."""
+        now = self.clock()
+        self.metrics["acquires_while_up"] += 1
+        src = acq.src if acq else p.local
+        if src == p.local or any(c.local == src for c in p.children.values()):
+            p.history.append((now, f"acquire {src} -> {p.remote} while up ignored (raised "
+                                   "before the pair was in, or the kernel lost its outbound SA)"))
+            return
+        pending = p.extra_locals.get(src)
+        if pending is not None and pending in p.negotiations:
+            return  # that address's negotiation runs already
+        p.history.append((now, f"acquire {src} -> {p.remote}: a pair of its own from {src} "
+                               f"(the peer's pair is from {p.local})"))
+        self.metrics["negotiations_started"] += 1
+        ike_id = await self._start_ike(p, src)
+        if ike_id is not None:
+            p.extra_locals[src] = ike_id
 
     async def _do_join(self, p: Peer, acq: Acquire, prev):
         """We trapped while the peer's negotiation runs: cover our packets, don't start another."""
@@ -807,7 +829,8 @@ class Agent:
         new pair when that Delete comes (or OUT_WAIT_S at most), never before the peer can
         read it. A second IKE SA's Child SA (crossing initiations, or a restarted peer) is
         installed beside the old one; the old goes when its IKE SA is deleted (the engine's
-        tie-break, the peer's Delete, or liveness)."""
+        tie-break, the peer's Delete, or liveness). One from another of our addresses
+        (EXTEND) is installed beside it and both stay."""
         params = self._soft_lifetime(ev)
         old = p.children.get(ev.old_spi_in) if isinstance(ev, ChildRekeyed) else None
         if old is not None and old.spi_in == params.spi_in:
@@ -826,7 +849,9 @@ class Agent:
                                               (p.remote, old.spi_in)))
         if not isinstance(ev, ChildRekeyed):
             p.auth = self._auth_words(p, ev.auth, p.fqdn_ids.pop(ev.ike_id, ""))
-        p.history.append((self.clock(), f"Child SA {'rekeyed' if isinstance(ev, ChildRekeyed) else 're-established'}: "
+        what = ("rekeyed" if isinstance(ev, ChildRekeyed) else "re-established"
+                if params.local == p.local else f"up from {params.local}")
+        p.history.append((self.clock(), f"Child SA {what}: "
                           f"in {params.spi_in:08x} out {params.spi_out:08x}"))
 
     async def _do_fail(self, p: Peer, ev: Failed | None, prev):

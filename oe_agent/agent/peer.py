@@ -35,6 +35,7 @@ class PeerInput(enum.Enum):
 class Action(enum.Enum):
     NEGOTIATE = "negotiate"          # put the negotiation shunt, DNS lookup ‖ IKE_SA_INIT
     RENEW = "renew"                  # DNS lookup ‖ IKE_SA_INIT; the kept pair carries traffic
+    EXTEND = "extend"                # up: traffic from another of our addresses gets its own IKE SA
     RESPOND = "respond"              # let the engine answer; look up the peer's key
     JOIN = "join"                    # a negotiation runs already (peer's): add our shunt
     COUNT = "count"                  # one more packet under the shunt
@@ -59,7 +60,7 @@ _ROWS: dict[PeerState, tuple[tuple[Action, PeerState], ...]] = {
     S.TRAP:        ((A.NEGOTIATE, S.NEGOTIATING), (A.RESPOND, S.RESPONDING), (A.INSTALL, S.UP), (A.IGNORE, S.TRAP), (A.IGNORE, S.TRAP), (A.IGNORE, S.TRAP), (A.IGNORE, S.TRAP), (A.IGNORE, S.TRAP), (A.IGNORE, S.TRAP), (A.IGNORE, S.TRAP), (A.IGNORE, S.TRAP), (A.RENEW, S.NEGOTIATING)),
     S.NEGOTIATING: ((A.COUNT, S.NEGOTIATING), (A.RESPOND, S.NEGOTIATING), (A.INSTALL, S.UP), (A.FAIL, S.SHUNTED), (A.FAIL, S.SHUNTED), (A.IGNORE, S.NEGOTIATING), (A.IGNORE, S.NEGOTIATING), (A.IGNORE, S.NEGOTIATING), (A.IGNORE, S.NEGOTIATING), (A.ABORT, S.TRAP), (A.ABORT, S.TRAP), (A.IGNORE, S.NEGOTIATING)),
     S.RESPONDING:  ((A.JOIN, S.NEGOTIATING), (A.RESPOND, S.RESPONDING), (A.INSTALL, S.UP), (A.FORGET, S.TRAP), (A.IGNORE, S.RESPONDING), (A.IGNORE, S.RESPONDING), (A.IGNORE, S.RESPONDING), (A.IGNORE, S.RESPONDING), (A.IGNORE, S.RESPONDING), (A.ABORT, S.TRAP), (A.ABORT, S.TRAP), (A.IGNORE, S.RESPONDING)),
-    S.UP:          ((A.IGNORE, S.UP), (A.RESPOND, S.UP), (A.REPLACE, S.UP), (A.IGNORE, S.UP), (A.IGNORE, S.UP), (A.REKEY, S.UP), (A.REPLACE, S.UP), (A.REMOVE, S.TRAP), (A.DELETE, S.TRAP), (A.DELETE, S.TRAP), (A.DELETE, S.TRAP), (A.IGNORE, S.UP)),
+    S.UP:          ((A.EXTEND, S.UP), (A.RESPOND, S.UP), (A.REPLACE, S.UP), (A.IGNORE, S.UP), (A.IGNORE, S.UP), (A.REKEY, S.UP), (A.REPLACE, S.UP), (A.REMOVE, S.TRAP), (A.DELETE, S.TRAP), (A.DELETE, S.TRAP), (A.DELETE, S.TRAP), (A.IGNORE, S.UP)),
     S.SHUNTED:     ((A.COUNT, S.SHUNTED), (A.RESPOND, S.SHUNTED), (A.INSTALL, S.UP), (A.IGNORE, S.SHUNTED), (A.RESTORE, S.TRAP), (A.IGNORE, S.SHUNTED), (A.IGNORE, S.SHUNTED), (A.IGNORE, S.SHUNTED), (A.IGNORE, S.SHUNTED), (A.RESTORE, S.TRAP), (A.RESTORE, S.TRAP), (A.IGNORE, S.SHUNTED)),
 }
 TABLE: dict[tuple[PeerState, PeerInput], tuple[Action, PeerState]] = {

@@ -302,20 +302,34 @@ async def up(agent, dst, spi=0x100):
     assert agent.peers[dst].state is PeerState.UP
 
 
-async def test_acquire_while_up_is_ignored_and_shown():
-    """An ACQUIRE for a peer with an SA pair starts nothing (one pair per peer), but `explain`
-    and /metrics show it: it means held traffic (another local address, a lost outbound SA)."""
+async def test_acquire_from_another_local_address_gets_a_pair_of_its_own():
+    """Transport-mode pairs are per host pair: traffic from a second address of ours (an IPv6
+    temporary address, say) to a peer that is up gets its own IKE SA, once; the first pair
+    stays. An ACQUIRE from the address that has its pair starts nothing, but is shown."""
     agent, dp, ike, res, clock, _ = await started(answers={rev(POC): Answer("secure-key", (a_key(),))})
     await up(agent, POC)
-    await acquire(agent, POC)
-    await acquire(agent, POC, src=ipaddress.ip_address("192.0.2.99"))
+    await acquire(agent, POC)  # raised before the pair was in
+    assert len(ike.of("initiate")) == 1
+    other = ipaddress.ip_address("192.0.2.99")
+    await acquire(agent, POC, src=other)
+    await acquire(agent, POC, src=other)  # its negotiation runs: not a second one
     p = agent.peers[POC]
-    assert p.state is PeerState.UP and len(ike.of("initiate")) == 1 and not dp.shunts
-    events = [e for _, e in p.history if "while up" in e]
-    assert len(events) == 2 and "lost its outbound SA" in events[0], events
-    assert f"our SA pair is from {LOCAL}" in events[1], events
-    assert agent.metrics["acquires_while_up"] == 2
-    assert 'oe_agent_events_total{kind="acquires_while_up"} 2' in agent.metrics_text(clock())
+    starts = ike.of("initiate")
+    assert len(starts) == 2 and ike.sources[starts[1][2]] == other, starts
+    assert p.state is PeerState.UP and not dp.shunts
+    await agent.handle(KeyNeeded(POC, ike_id=starts[1][2]))
+    assert any(c[0] == "keys" and c[2] == starts[1][2] and c[3] for c in ike.calls), ike.calls
+    await agent.handle(ChildUp(POC, child(POC, 0x500, 0x501, local=other), ike_id=starts[1][2]))
+    assert set(p.children) == {0x100, 0x500} and set(dp.sas) == {0x100, 0x500}
+    assert p.state is PeerState.UP and p.local == ipaddress.ip_address(LOCAL)
+    await acquire(agent, POC, src=other)  # it has its pair now
+    assert len(ike.of("initiate")) == 2
+    events = [e for _, e in p.history]
+    assert sum("while up ignored" in e for e in events) == 2, events
+    assert any(f"a pair of its own from {other}" in e for e in events), events
+    assert any(f"Child SA up from {other}" in e for e in events), events
+    assert agent.metrics["acquires_while_up"] == 4
+    assert 'oe_agent_events_total{kind="acquires_while_up"} 4' in agent.metrics_text(clock())
 
 
 async def test_rekey_on_soft_expire_then_replace():

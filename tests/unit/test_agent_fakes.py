@@ -99,9 +99,11 @@ class FakeIke:
 
     calls: list = field(default_factory=list)
     ids: itertools.count = field(default_factory=lambda: itertools.count(1))
+    sources: dict = field(default_factory=dict)  # IKE SA handle -> the local address it is from
 
     def initiate(self, local, remote, *, mode, auth_null, ts_local, ts_remote, psk=None):
         i = next(self.ids)
+        self.sources[i] = local
         self.calls.append(("initiate", remote, i, mode, auth_null))
         return i
 

@@ -8,7 +8,7 @@ from oe_agent.agent.peer import TABLE, Action as A, PeerInput as I, PeerState as
 RESULT_OF = {A.NEGOTIATE: {S.NEGOTIATING}, A.RENEW: {S.NEGOTIATING}, A.JOIN: {S.NEGOTIATING}, A.INSTALL: {S.UP},
              A.REPLACE: {S.UP}, A.REKEY: {S.UP}, A.FAIL: {S.SHUNTED}, A.FORGET: {S.TRAP},
              A.REMOVE: {S.TRAP}, A.DELETE: {S.TRAP}, A.ABORT: {S.TRAP}, A.RESTORE: {S.TRAP},
-             A.COUNT: {S.NEGOTIATING, S.SHUNTED}, A.RESPOND: {S.RESPONDING, S.NEGOTIATING, S.UP, S.SHUNTED}}
+             A.COUNT: {S.NEGOTIATING, S.SHUNTED}, A.EXTEND: {S.UP}, A.RESPOND: {S.RESPONDING, S.NEGOTIATING, S.UP, S.SHUNTED}}
 
 
 def test_every_cell_exists_and_is_consistent():
@@ -44,6 +44,7 @@ def test_cells_by_meaning():
     assert step(S.SHUNTED, I.SHUNT_EXPIRED) == (A.RESTORE, S.TRAP)
     # life of an SA
     assert step(S.UP, I.REKEY_DUE) == (A.REKEY, S.UP)
+    assert step(S.UP, I.ACQUIRE) == (A.EXTEND, S.UP)  # another of our addresses
     assert step(S.UP, I.REKEYED) == (A.REPLACE, S.UP)
     assert step(S.UP, I.IKE_REQUEST) == (A.RESPOND, S.UP)  # peer restarted
     assert step(S.UP, I.CHILD_UP) == (A.REPLACE, S.UP)
