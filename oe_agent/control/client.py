@@ -86,7 +86,7 @@ def cmd_status(args) -> int:
 def cmd_trafficstatus(args) -> int:
     for s in call(args, "GET", "/sas"):
         _out(f"{s['remote']}: ESP in={s['spi_in']} out={s['spi_out']} {s['alg']} {s['mode']}"
-             f"{' udp-encap' if s['encap'] else ''}, inBytes={s['bytes_in']}, "
+             f"{' udp-encap' if s['encap'] else ''} from {s['local']}, inBytes={s['bytes_in']}, "
              f"outBytes={s['bytes_out']}, age {s['age']:.0f}s, {s['auth']} [{s['group']}]")
     return 0
 
