@@ -131,6 +131,29 @@ def test_mutual_initiation_gives_one_sa_pair(lab):
     assert (sa[0]["spi_in"], sa[0]["spi_out"]) == (sc[0]["spi_out"], sc[0]["spi_in"]), (sa, sc)
 
 
+def test_second_local_address_gets_a_pair_of_its_own(lab):
+    """A's peer C2 is up from L2 (the mutual test); traffic from A's other address L1 to C2
+    (a second address, or an IPv6 temporary one) raises ACQUIREs for another host pair: it
+    gets its own IKE SA and Child SA pair, inside ESP, and L2's pair stays."""
+    r = probe(lab.a, L2, C2, "CNRYSECONDUP", NEGOTIATION)
+    assert r.first and [s["local"] for s in sas_to(lab, lab.a, C2)] == [L2], lab.lab.why(lab.a, C2)
+    sniff = Sniffer(lab.lab.factory, [lab.a.host])
+    try:
+        r = probe(lab.a, L1, C2, "CNRYSECONDL1", NEGOTIATION)
+    finally:
+        sniff.close()
+    why = lab.lab.why(lab.a, C2) + "\n" + lab.lab.why(lab.c, L1)
+    assert r.first and r.steady_ok == r.steady, f"{r}\n{why}"
+    wire = pair_frames(sniff.frames(lab.a.host), L1, C2)
+    assert not wire.plaintext(b"CNRYSECONDL1"), f"the second address's traffic went in clear\n{why}"
+    assert wire.esp(), f"no ESP between {L1} and {C2}\n{why}"
+    assert sorted(s["local"] for s in sas_to(lab, lab.a, C2)) == sorted([L1, L2]), why
+    assert len(esp_between(lab.a.host, L1, C2)) == 2 and len(esp_between(lab.a.host, L2, C2)) == 2
+    assert probe(lab.a, L2, C2, "CNRYSECONDL2", NEGOTIATION).first, why  # the first pair stays
+    hist = " | ".join(h["event"] for h in lab.lab.explain(lab.a, C2)["history"])
+    assert f"a pair of its own from {L1}" in hist, hist
+
+
 def test_rekey_without_packet_loss(lab):
     """C's Child SAs live 40 s and rekey 25 s before that: traffic L1 <-> C1 keeps flowing,
     every datagram answered, across the change of SPIs; the old SAs leave the kernel.
