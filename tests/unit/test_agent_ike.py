@@ -305,30 +305,37 @@ async def test_rekey_through_the_engine_replaces_the_pair():
         await close(a, b, tasks)
 
 
-async def test_responder_answers_only_once_its_sa_is_installed():
-    """The IKE_AUTH response lets the initiator send ESP at once: it leaves only after the
-    responder's dataplane holds the new SA; so does the answer to a rekey (CREATE_CHILD_SA)."""
+def watch(side, order: list, note) -> None:
+    """Slow installs on `side` and a look at what it sends, both appended to `order` as they
+    happen: ("installed", spi_in), and note(header) of each datagram unless None."""
     from oe_agent.ike.message import peek_header
-    from oe_agent.model import SaExpire
-    a, b, tasks = await pair(POC, COP)
-    order = []
-    slow_add = b.dp.add_child_sa
+    slow_add = side.dp.add_child_sa
 
     async def add_child_sa(params, outbound=True):
         await asyncio.sleep(0.05)  # a dataplane that takes its time (nft, netlink)
         await slow_add(params, outbound)
         order.append(("installed", params.spi_in))
 
-    b.dp.add_child_sa = add_child_sa
-    to_a = b.link._transport
+    side.dp.add_child_sa = add_child_sa
+    forward = side.link._transport
 
     def send(dg):
-        h = peek_header(dg.data)
-        if h.response and h.exchange in (35, 36):  # IKE_AUTH, CREATE_CHILD_SA
-            order.append(("answered", h.exchange))
-        to_a(dg)
+        seen = note(peek_header(dg.data))
+        if seen is not None:
+            order.append(seen)
+        forward(dg)
 
-    b.link._transport = send
+    side.link._transport = send
+
+
+async def test_responder_answers_only_once_its_sa_is_installed():
+    """The IKE_AUTH response lets the initiator send ESP at once: it leaves only after the
+    responder's dataplane holds the new SA; so does the answer to a rekey (CREATE_CHILD_SA)."""
+    from oe_agent.model import SaExpire
+    a, b, tasks = await pair(POC, COP)
+    order = []
+    watch(b, order, lambda h: ("answered", h.exchange)  # IKE_AUTH, CREATE_CHILD_SA answers
+          if h.response and h.exchange in (35, 36) else None)
     try:
         a.publish(b)
         b.publish(a)
@@ -347,27 +354,11 @@ async def test_rekey_initiator_deletes_the_old_pair_only_once_the_new_is_in():
     """The Delete of the rekeyed pair moves the peer's traffic to the new one (RFC 7296 §2.8):
     it left before the initiator's core had installed the new pair, and the peer's first
     datagram on it could be dropped (the vm rekey test lost one of 4330 back to back)."""
-    from oe_agent.ike.message import peek_header
     from oe_agent.model import SaExpire
     a, b, tasks = await pair(POC, COP)
     order = []
-    slow_add = a.dp.add_child_sa
-
-    async def add_child_sa(params, outbound=True):
-        await asyncio.sleep(0.05)  # a dataplane that takes its time (nft, netlink)
-        await slow_add(params, outbound)
-        order.append(("installed", params.spi_in))
-
-    a.dp.add_child_sa = add_child_sa
-    to_b = a.link._transport
-
-    def send(dg):
-        h = peek_header(dg.data)
-        if not h.response and h.exchange == 37:  # INFORMATIONAL request: the Delete
-            order.append(("informational", None))
-        to_b(dg)
-
-    a.link._transport = send
+    watch(a, order, lambda h: ("informational", None)  # INFORMATIONAL request: the Delete
+          if not h.response and h.exchange == 37 else None)
     try:
         a.publish(b)
         b.publish(a)
